@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` and `make test`. Each sets itself up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# DeepSpeed JIT-builds C++ ops on first use; build them once into a cache the tests reuse.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PYTHONUNBUFFERED := 1
+# Keep tests within 2 cores: one intra-op thread per process.
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test lint format bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel here. Never let a dependency pull a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python launch/demo.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: setup lint
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python tools/bench/loader.py
+	$(BIN)/python tools/bench/preprocess.py
+
+clean:
+	rm -rf runs .cache build

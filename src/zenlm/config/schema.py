@@ -1,0 +1,158 @@
+"""The one typed config tree of a zenlm run. Every field has a docstring under it.
+
+Loaded from YAML plus ``a.b.c=value`` overrides by zenlm.config.load; checked against the world
+size by zenlm.config.validate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from zenlm.model.config import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    """How the world is split: world = tensor x pipeline x data."""
+
+    tensor_parallel_degree: int = 1
+    """Ranks sharing each layer's weights (megatron-core TP); keep inside a node."""
+    pipeline_parallel_degree: int = 1
+    """Pipeline stages (DeepSpeed PipelineModule, 1F1B)."""
+    data_parallel_degree: int = 0
+    """Model replicas; 0 = world_size // (tensor x pipeline)."""
+    sequence_parallel_enabled: bool = False
+    """Shard norms/dropout activations along the sequence across the TP group (needs TP > 1)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3. Stages 2 and 3 need pipeline_parallel_degree == 1."""
+    pipeline_split: Literal["layers", "parameters"] = "layers"
+    """Stage split: equal transformer-layer counts, or balanced parameter counts."""
+
+
+@dataclass
+class CorpusConfig:
+    """One corpus directory written by tools/preprocess.py, and its share of the blend."""
+
+    path: str = ""
+    """Directory holding manifest.json and the tar shards."""
+    weight: float = 1.0
+    """Relative sampling weight when several corpora are blended."""
+
+
+@dataclass
+class DataConfig:
+    """Corpora, tokenizer and batch shape."""
+
+    corpora: list[CorpusConfig] = field(default_factory=list)
+    """Training corpora, blended by weight. Validation uses their 'valid' splits."""
+    tokenizer_path: str = ""
+    """SentencePiece model; its sha256 must equal each corpus's tokenizer fingerprint."""
+    seq_len_tokens: int = 128
+    """Tokens per training sequence; must equal the corpora's seq_len."""
+    global_batch_size_seqs: int = 8
+    """Sequences per optimizer step across all data-parallel ranks."""
+    micro_batch_size_seqs: int = 2
+    """Sequences per forward pass on one rank."""
+    grad_accum_steps: int = 0
+    """Micro batches per step on each rank; 0 = derived (global / (micro x DP))."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    seed: int = 1234
+    """Seed of the data order (a pure function of seed, epoch and global sample index)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Floor of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms, biases or embeddings."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Linear warmup then cosine decay / warmup-stable-decay / constant."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to lr."""
+    decay_fraction: float = 0.2
+    """WSD only: fraction of train_steps spent in the final linear decay."""
+    train_steps: int = 100
+    """Optimizer steps of the run."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and when checkpoints are written and from where a run resumes."""
+
+    dir: str = ""
+    """Checkpoint directory; '' = <run_dir>/checkpoints."""
+    save_interval_steps: int = 0
+    """Save every N steps; 0 = only at the end."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted after a newer one is complete)."""
+    resume: str = "auto"
+    """'auto' = newest complete checkpoint if any, 'none', or a checkpoint path."""
+
+
+@dataclass
+class LoggingConfig:
+    """Run directory, console lines, TensorBoard and validation cadence."""
+
+    run_dir: str = "runs"
+    """Parent of every run's directory."""
+    run_name: str = "debug"
+    """The run's directory is <run_dir>/<run_name>."""
+    log_interval_steps: int = 10
+    """Steps between rank-0 console lines and TensorBoard scalars."""
+    tensorboard_enabled: bool = True
+    """Write TensorBoard events under <run>/tb on rank 0."""
+    eval_interval_steps: int = 50
+    """Steps between validation passes; 0 disables validation."""
+    eval_batches: int = 4
+    """Micro batches per rank in one validation pass."""
+
+
+@dataclass
+class RuntimeConfig:
+    """Numerics, memory trade-offs, determinism."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """bf16 and fp16 keep fp32 master weights; fp16 uses dynamic loss scaling."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute every block ('full') or only the attention core ('selective') in backward."""
+    seed: int = 1234
+    """Seed of parameter init and dropout."""
+    torch_threads: int = 0
+    """Intra-op CPU threads per process; 0 = leave torch's default."""
+    dist_timeout_s: int = 600
+    """Collective timeout: a dead rank makes the others fail after this many seconds."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpora and batch shape."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging and validation."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Numerics and runtime."""
