@@ -120,6 +120,8 @@ class LoggingConfig:
     """Steps between validation passes; 0 disables validation."""
     eval_batches: int = 4
     """Micro batches per rank in one validation pass."""
+    peak_tflops_per_device: float = 0.0
+    """Dense peak of one accelerator for MFU (e.g. 989 for H100/H200 bf16); 0 = detect on CUDA."""
 
 
 @dataclass

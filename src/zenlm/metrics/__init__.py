@@ -1,0 +1,1 @@
+"""Training metrics: FLOPs and MFU, TensorBoard."""

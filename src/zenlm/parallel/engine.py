@@ -1,0 +1,191 @@
+"""The DeepSpeed engine of a run: config generated from RunConfig in one function, then initialize.
+
+Order of responsibilities (each owned by a library, nothing hand-written):
+  DeepSpeed      ZeRO 0-3 partitioning, bf16/fp16 master weights and loss scaling, gradient
+                 accumulation, gradient clipping (global norm across TP via the mpu adapter)
+  torch AdamW    the update itself (a client optimizer: avoids JIT-building FusedAdam on CPU)
+  LambdaLR       the schedule (zenlm.train.schedule), stepped by DeepSpeed at each optimizer step
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from zenlm.config.schema import RunConfig
+from zenlm.config.validate import Layout
+from zenlm.train.schedule import build_lr_lambda
+
+# DeepSpeed prints a progress line every `steps_per_print` steps; zenlm logs its own.
+_NEVER = 10**9
+
+
+def build_deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
+    """The DeepSpeed JSON config for `cfg` at `layout` (global = micro x accumulation x DP)."""
+    precision = cfg.runtime.precision
+    ds: dict[str, Any] = {
+        "train_batch_size": layout.global_batch_size_seqs,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size_seqs,
+        "gradient_accumulation_steps": layout.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip_norm,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # The client optimizer is torch AdamW: DeepSpeed calls that "untested" with ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            # loss_scale 0 = dynamic: start at 2**16, halve on overflow, double after 1000 clean steps.
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+    }
+    if precision == "bf16":
+        # Accumulate gradients in fp32 so accumulation over micro batches loses nothing.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if cfg.parallel.zero_stage == 3:
+        # Gather small parameters eagerly; keep the tiny CPU test models fully partitioned anyway.
+        ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
+    return ds
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm weights, biases and embeddings get no weight decay (GPT-NeoX / Megatron practice)."""
+    return param.ndim < 2 or name.endswith(".bias") or "embed" in name
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    return torch.optim.AdamW(
+        optimizer_param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        # foreach=False keeps the update order per tensor identical to a plain torch run.
+        foreach=False,
+    )
+
+
+class MegatronMpu:
+    """The `mpu` object DeepSpeed's plain engine calls, over megatron-core's parallel_state.
+
+    Only used at pipeline_parallel_degree == 1 (DeepSpeed's PipelineEngine brings its own grid).
+    DeepSpeed's "model parallel" means tensor parallel here; its Ulysses sequence parallelism is
+    not used (size 1).
+    """
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self._ps = ps
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_slice_parallel_group = get_model_parallel_group
+    get_slice_parallel_rank = get_model_parallel_rank
+    get_slice_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        import torch.distributed as dist
+
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return 1
+
+    def get_sequence_parallel_rank(self) -> int:
+        return 0
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.get_data_parallel_world_size()
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.get_data_parallel_rank()
+
+    def get_sequence_data_parallel_group(self):
+        return self.get_data_parallel_group()
+
+
+def build_engine(module: nn.Module, cfg: RunConfig, layout: Layout) -> Any:
+    """deepspeed.initialize for `module` (a PipelineModule when PP > 1) with the generated config."""
+    import deepspeed
+
+    optimizer = build_optimizer(module, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(cfg.optim))
+    is_pipeline = layout.pipeline_parallel_degree > 1
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=build_deepspeed_config(cfg, layout),
+        # A PipelineModule carries its own grid; DeepSpeed asserts mpu is None then.
+        mpu=None if is_pipeline else MegatronMpu(),
+    )
+    _record_fp32_grad_norm(engine)
+    return engine
+
+
+def _record_fp32_grad_norm(engine: Any) -> None:
+    """Keep the grad norm that DeepSpeed computes but drops on the ZeRO-0 fp32 path.
+
+    With ZeRO >= 1, bf16 or fp16 DeepSpeed's optimizer wrapper stores the global norm; without a
+    wrapper the engine clips through `clip_fp32_gradients`, which discards the norm it computed.
+    Record it so get_global_grad_norm() answers on every path (same single norm computation).
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(),
+            max_norm=engine.gradient_clipping(),
+            mpu=engine.mpu,
+        )
+
+    engine.clip_fp32_gradients = clip_and_record

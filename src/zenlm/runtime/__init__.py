@@ -1,0 +1,1 @@
+"""Process environment: distributed init, seeds, rank-aware logging."""

@@ -1,0 +1,1 @@
+"""Training: the Trainer (loop, eval, callbacks), the LR schedule, the loss module."""

@@ -1,0 +1,80 @@
+"""Assemble a run from its config: process groups, model, engine, data. One function each.
+
+The order matters and is fixed here (it was measured, see notes/stack-probe.md):
+  1. torch.distributed via deepspeed.init_distributed (zenlm.runtime.env)
+  2. megatron-core parallel_state groups, rank order asserted (zenlm.parallel.dims)
+  3. the model from a layer factory, weights initialised from full tensors (same at any TP)
+  4. activation checkpointing (wraps forwards in place; names unchanged)
+  5. DeepSpeed initialize (ZeRO / precision / accumulation / clipping)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from zenlm.config.schema import RunConfig
+from zenlm.config.validate import Layout
+from zenlm.model.factory import LayerFactory
+from zenlm.model.init import init_weights
+from zenlm.model.transformer import Transformer
+from zenlm.parallel.checkpointing import apply_activation_checkpointing
+from zenlm.parallel.dims import ParallelDims, initialize
+from zenlm.parallel.engine import build_engine
+from zenlm.parallel.tensor import build_factory
+from zenlm.train.loss_module import CausalLMLoss
+
+
+def build_parallel(cfg: RunConfig, layout: Layout) -> ParallelDims:
+    dims = ParallelDims(
+        world_size=layout.world_size,
+        tp=layout.tensor_parallel_degree,
+        pp=layout.pipeline_parallel_degree,
+        dp=layout.data_parallel_degree,
+    )
+    return initialize(dims, seed=cfg.runtime.seed)
+
+
+def build_model(cfg: RunConfig) -> tuple[nn.Module, LayerFactory]:
+    """The full (PP = 1) model on this rank's TP shard, initialised identically at every TP."""
+    factory = build_factory(sequence_parallel=cfg.parallel.sequence_parallel_enabled)
+    model = Transformer(cfg.model, factory)
+    init_weights(model, cfg.model, factory, seed=cfg.runtime.seed)
+    apply_activation_checkpointing(list(model.layers), cfg.runtime.activation_checkpointing)
+    return model, factory
+
+
+def build_training_engine(cfg: RunConfig, layout: Layout) -> tuple[Any, LayerFactory]:
+    model, factory = build_model(cfg)
+    return build_engine(CausalLMLoss(model, factory), cfg, layout), factory
+
+
+def model_inputs(batch: dict[str, torch.Tensor], document_masking: bool) -> dict[str, torch.Tensor]:
+    """The loader's batch -> the loss module's keyword inputs.
+
+    Without document masking the model uses positions 0..s-1 across packed documents (as Llama
+    pre-training does); with it, positions restart and attention stays inside each document.
+    """
+    inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    if document_masking:
+        inputs["position_ids"] = batch["position_ids"]
+        inputs["doc_ids"] = batch["doc_ids"]
+    return inputs
+
+
+def synthetic_batches(
+    vocab_size: int, seq_len: int, micro_batch_size: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless random token batches (for tests and benchmarks that need no corpus)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        tokens = torch.randint(0, vocab_size, (micro_batch_size, seq_len + 1), generator=g)
+        yield {
+            "input_ids": tokens[:, :-1].contiguous(),
+            "labels": tokens[:, 1:].contiguous(),
+            "position_ids": torch.arange(seq_len).expand(micro_batch_size, seq_len),
+            "doc_ids": torch.zeros(micro_batch_size, seq_len, dtype=torch.int32),
+        }

@@ -1,0 +1,199 @@
+"""The training loop: step, validate, log. Everything else is assembled in zenlm.train.build.
+
+    trainer = Trainer(cfg)            # inside torchrun (or one plain process)
+    history = trainer.fit()           # list of per-step metrics dicts, same on every rank
+
+One optimizer step consumes layout.global_batch_size_seqs sequences: grad_accum_steps micro
+batches on each data-parallel rank. The train loss reported for a step is the mean over the
+global batch (all-reduced over the data-parallel group), identical on every rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from zenlm.config.load import dump_config
+from zenlm.config.schema import RunConfig
+from zenlm.config.validate import validate
+from zenlm.metrics.tensorboard import TensorBoardWriter
+from zenlm.metrics.throughput import detect_peak_tflops, flops_per_token, mfu
+from zenlm.runtime.env import init_distributed, set_seeds, set_threads
+from zenlm.runtime.log import get_logger
+from zenlm.train.build import build_parallel, build_training_engine, model_inputs
+
+log = get_logger()
+
+DataFactory = Callable[[int, int], Iterable[dict[str, torch.Tensor]]]
+
+
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+class Trainer:
+    """A run on this rank.
+
+    `train_data(dp_rank, dp_size)` returns this rank's endless micro-batch iterable and
+    `valid_data(dp_rank, dp_size)` a re-iterable of validation micro batches; both default to the
+    corpora in cfg.data (zenlm.data loaders). Tests and benchmarks pass synthetic ones.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        train_data: DataFactory | None = None,
+        valid_data: DataFactory | None = None,
+    ) -> None:
+        set_threads(cfg.runtime.torch_threads)
+        self.rank, world_size = init_distributed(cfg.runtime.dist_timeout_s)
+        self.cfg = cfg
+        self.layout = validate(cfg, world_size)
+        set_seeds(cfg.runtime.seed)
+        self.dims = build_parallel(cfg, self.layout)
+        self.engine, self.factory = build_training_engine(cfg, self.layout)
+        self.run_dir = Path(cfg.logging.run_dir) / cfg.logging.run_name
+        if self.rank == 0:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        dp_rank = self.dims.coords(self.rank)[1]
+        if train_data is None:
+            self.train_loader, self.valid_data = self._build_corpus_loaders(dp_rank)
+        else:
+            self.train_loader = train_data(dp_rank, self.dims.dp)
+            self.valid_data = valid_data(dp_rank, self.dims.dp) if valid_data else None
+        self.train_iter: Iterator = iter(self.train_loader)
+        self.tb = TensorBoardWriter(
+            self.run_dir / "tb", enabled=cfg.logging.tensorboard_enabled and self.rank == 0
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.flops_per_token = flops_per_token(cfg.model, self.layout.seq_len_tokens)
+        self.peak_tflops = cfg.logging.peak_tflops_per_device or detect_peak_tflops()
+
+    def _build_corpus_loaders(self, dp_rank: int) -> tuple[Any, Any]:
+        from zenlm.data import build_train_loader, build_valid_loader
+
+        d = self.cfg.data
+        if not d.corpora:
+            raise ValueError("data.corpora is empty: give at least one corpus directory")
+        common = dict(
+            corpora=[(c.path, c.weight) for c in d.corpora],
+            seq_len=d.seq_len_tokens,
+            micro_batch_size=d.micro_batch_size_seqs,
+            dp_rank=dp_rank,
+            dp_size=self.dims.dp,
+            tokenizer_path=d.tokenizer_path or None,
+        )
+        train = build_train_loader(
+            **common,
+            global_batch_size=d.global_batch_size_seqs,
+            num_workers=d.num_workers,
+            seed=d.seed,
+        )
+        valid = build_valid_loader(**common, num_batches=self.cfg.logging.eval_batches)
+        return train, valid
+
+    # -- one optimizer step ------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """Run grad_accum_steps micro batches and one optimizer step; return the global mean loss."""
+        masking = self.cfg.model.document_masking
+        losses = []
+        for _ in range(self.layout.grad_accum_steps):
+            batch = model_inputs(next(self.train_iter), masking)
+            loss = self.engine(**batch)
+            self.engine.backward(loss)
+            self.engine.step()  # a no-op except at the accumulation boundary
+            losses.append(loss.detach().float())
+        mean = torch.stack(losses).mean()
+        dist.all_reduce(mean, group=_dp_group())
+        self.step += 1
+        self.tokens_seen += self.layout.tokens_per_step
+        return mean.item() / self.dims.dp
+
+    # -- validation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity and next-token accuracy over the validation batches of all DP ranks."""
+        if self.valid_data is None:
+            return {}
+        self.engine.eval()
+        masking = self.cfg.model.document_masking
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, counted
+        for batch in self.valid_data:
+            totals += self.engine(**model_inputs(batch, masking), return_stats=True).cpu()
+        self.engine.train()
+        dist.all_reduce(totals, group=_dp_group())
+        loss = (totals[0] / totals[2].clamp(min=1)).item()
+        return {
+            "val/loss": loss,
+            "val/perplexity": float(torch.exp(torch.tensor(loss))),
+            "val/accuracy": (totals[1] / totals[2].clamp(min=1)).item(),
+        }
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _scalars(self, loss: float, lr: float, step_s: float) -> dict[str, float]:
+        tokens_per_s = self.layout.tokens_per_step / max(step_s, 1e-9)
+        out = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            "train/tokens_per_s": tokens_per_s,
+            "train/tokens_seen": float(self.tokens_seen),
+            "train/step_time_s": step_s,
+        }
+        scale = getattr(self.engine.optimizer, "cur_scale", None)
+        if self.cfg.runtime.precision == "fp16" and scale is not None:
+            out["train/loss_scale"] = float(scale)
+        if self.peak_tflops:
+            out["train/mfu"] = mfu(
+                tokens_per_s, self.flops_per_token, self.layout.world_size, self.peak_tflops
+            )
+        return out
+
+    def fit(self) -> list[dict[str, float]]:
+        lg, total = self.cfg.logging, self.cfg.optim.train_steps
+        history: list[dict[str, float]] = []
+        start = time.perf_counter()
+        while self.step < total:
+            lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler steps inside)
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            scalars = self._scalars(loss, lr, time.perf_counter() - t0)
+            if lg.eval_interval_steps and (
+                self.step % lg.eval_interval_steps == 0 or self.step == total
+            ):
+                scalars.update(self.evaluate())
+            history.append({"step": self.step, **scalars})
+            if (
+                self.step % lg.log_interval_steps == 0
+                or self.step == total
+                or "val/loss" in scalars
+            ):
+                self.tb.scalars(scalars, self.step)
+                self._console(scalars, start)
+        self.tb.close()
+        return history
+
+    def _console(self, s: dict[str, float], start: float) -> None:
+        elapsed = time.perf_counter() - start
+        eta_s = elapsed / self.step * (self.cfg.optim.train_steps - self.step)
+        line = (
+            f"step {self.step}/{self.cfg.optim.train_steps} | loss {s['train/loss']:.4f} | "
+            f"lr {s['train/lr']:.2e} | grad_norm {s['train/grad_norm']:.3f} | "
+            f"tokens/s {s['train/tokens_per_s']:,.0f} | ETA {eta_s / 60:.1f} min"
+        )
+        if "train/mfu" in s:
+            line += f" | MFU {100 * s['train/mfu']:.1f}%"
+        if "val/loss" in s:
+            line += f" | val_loss {s['val/loss']:.4f} ppl {s['val/perplexity']:.2f} acc {s['val/accuracy']:.3f}"
+        log.info(line)
