@@ -49,6 +49,13 @@ def build_deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
     if precision == "bf16":
         # Accumulate gradients in fp32 so accumulation over micro batches loses nothing.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if layout.pipeline_parallel_degree > 1:
+        # DeepSpeed's pipeline sends 1/TP of the first activation from each TP rank and
+        # all-gathers it on the next stage, assuming it is identical across TP ranks. Under
+        # sequence parallelism each TP rank holds a different sequence shard, so that would mix
+        # shards: send whole tensors then.
+        partitioned = not cfg.parallel.sequence_parallel_enabled
+        ds["pipeline"] = {"pipe_partitioned": partitioned, "grad_partitioned": partitioned}
     if cfg.parallel.zero_stage == 3:
         # Gather small parameters eagerly; keep the tiny CPU test models fully partitioned anyway.
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})

@@ -13,7 +13,6 @@ import torch
 
 from zenlm.config.schema import RunConfig
 from zenlm.model.factory import PlainFactory
-from zenlm.model.init import init_weights
 from zenlm.model.loss import mean_loss
 from zenlm.model.transformer import Transformer
 from zenlm.parallel.engine import build_optimizer
@@ -58,8 +57,7 @@ def reference_losses(cfg: RunConfig, steps: int, seed: int = 0) -> list[float]:
     """Per-step mean losses of a plain single-process fp32 run of cfg on global_batches(seed)."""
     torch.manual_seed(cfg.runtime.seed)
     factory = PlainFactory()
-    model = Transformer(cfg.model, factory)
-    init_weights(model, cfg.model, factory, seed=cfg.runtime.seed)
+    model = Transformer(cfg.model, factory, seed=cfg.runtime.seed)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(cfg.optim))
     mbs = cfg.data.micro_batch_size_seqs

@@ -24,6 +24,7 @@ from zenlm.model.transformer import Transformer
 from zenlm.parallel.checkpointing import apply_activation_checkpointing
 from zenlm.parallel.dims import ParallelDims, initialize
 from zenlm.parallel.engine import build_engine
+from zenlm.parallel.pipeline import build_pipeline_module, check_pipeline_grid, local_blocks
 from zenlm.parallel.tensor import build_factory
 from zenlm.train.loss_module import CausalLMLoss
 
@@ -41,15 +42,37 @@ def build_parallel(cfg: RunConfig, layout: Layout) -> ParallelDims:
 def build_model(cfg: RunConfig) -> tuple[nn.Module, LayerFactory]:
     """The full (PP = 1) model on this rank's TP shard, initialised identically at every TP."""
     factory = build_factory(sequence_parallel=cfg.parallel.sequence_parallel_enabled)
-    model = Transformer(cfg.model, factory)
-    init_weights(model, cfg.model, factory, seed=cfg.runtime.seed)
+    model = Transformer(cfg.model, factory, seed=cfg.runtime.seed)
     apply_activation_checkpointing(list(model.layers), cfg.runtime.activation_checkpointing)
     return model, factory
 
 
-def build_training_engine(cfg: RunConfig, layout: Layout) -> tuple[Any, LayerFactory]:
-    model, factory = build_model(cfg)
-    return build_engine(CausalLMLoss(model, factory), cfg, layout), factory
+def build_training_engine(
+    cfg: RunConfig, layout: Layout, dims: ParallelDims
+) -> tuple[Any, LayerFactory]:
+    """DeepSpeed's plain engine over model + loss at PP = 1; its PipelineEngine at PP > 1."""
+    if layout.pipeline_parallel_degree == 1:
+        model, factory = build_model(cfg)
+        return build_engine(CausalLMLoss(model, factory), cfg, layout), factory
+    factory = build_factory(sequence_parallel=cfg.parallel.sequence_parallel_enabled)
+    module = build_pipeline_module(cfg, layout, factory)
+    init_weights(module, cfg.model, factory, seed=cfg.runtime.seed)
+    apply_activation_checkpointing(local_blocks(module), cfg.runtime.activation_checkpointing)
+    engine = build_engine(module, cfg, layout)
+    check_pipeline_grid(engine, dims)
+    return engine, factory
+
+
+def pipeline_batch(
+    batch: dict[str, torch.Tensor], document_masking: bool
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The loader's batch -> DeepSpeed pipeline's (inputs, labels): inputs feed the first stage,
+    labels the loss on the last."""
+    inputs = model_inputs(batch, document_masking)
+    first = (inputs["input_ids"],)
+    if document_masking:
+        first += (inputs["position_ids"], inputs["doc_ids"])
+    return first, inputs["labels"]
 
 
 def model_inputs(batch: dict[str, torch.Tensor], document_masking: bool) -> dict[str, torch.Tensor]:

@@ -25,7 +25,12 @@ from zenlm.metrics.tensorboard import TensorBoardWriter
 from zenlm.metrics.throughput import detect_peak_tflops, flops_per_token, mfu
 from zenlm.runtime.env import init_distributed, set_seeds, set_threads
 from zenlm.runtime.log import get_logger
-from zenlm.train.build import build_parallel, build_training_engine, model_inputs
+from zenlm.train.build import (
+    build_parallel,
+    build_training_engine,
+    model_inputs,
+    pipeline_batch,
+)
 
 log = get_logger()
 
@@ -58,7 +63,8 @@ class Trainer:
         self.layout = validate(cfg, world_size)
         set_seeds(cfg.runtime.seed)
         self.dims = build_parallel(cfg, self.layout)
-        self.engine, self.factory = build_training_engine(cfg, self.layout)
+        self.engine, self.factory = build_training_engine(cfg, self.layout, self.dims)
+        self.pipelined = self.layout.pipeline_parallel_degree > 1
         self.run_dir = Path(cfg.logging.run_dir) / cfg.logging.run_name
         if self.rank == 0:
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -69,6 +75,9 @@ class Trainer:
             self.train_loader = train_data(dp_rank, self.dims.dp)
             self.valid_data = valid_data(dp_rank, self.dims.dp) if valid_data else None
         self.train_iter: Iterator = iter(self.train_loader)
+        masking = cfg.model.document_masking
+        # DeepSpeed's pipeline pulls grad_accum_steps micro batches per train_batch itself.
+        self.pipe_iter = (pipeline_batch(b, masking) for b in self.train_iter)
         self.tb = TensorBoardWriter(
             self.run_dir / "tb", enabled=cfg.logging.tensorboard_enabled and self.rank == 0
         )
@@ -79,6 +88,7 @@ class Trainer:
 
     def _build_corpus_loaders(self, dp_rank: int) -> tuple[Any, Any]:
         from zenlm.data import build_train_loader, build_valid_loader
+        from zenlm.data.tokenizer import fingerprint_file
 
         d = self.cfg.data
         if not d.corpora:
@@ -89,7 +99,9 @@ class Trainer:
             micro_batch_size=d.micro_batch_size_seqs,
             dp_rank=dp_rank,
             dp_size=self.dims.dp,
-            tokenizer_path=d.tokenizer_path or None,
+            expected_tokenizer_fingerprint=fingerprint_file(d.tokenizer_path)
+            if d.tokenizer_path
+            else None,
         )
         train = build_train_loader(
             **common,
@@ -97,13 +109,19 @@ class Trainer:
             num_workers=d.num_workers,
             seed=d.seed,
         )
-        valid = build_valid_loader(**common, num_batches=self.cfg.logging.eval_batches)
+        valid = build_valid_loader(**common, num_micro_batches=self.cfg.logging.eval_batches)
         return train, valid
 
     # -- one optimizer step ------------------------------------------------------------------
 
     def train_step(self) -> float:
         """Run grad_accum_steps micro batches and one optimizer step; return the global mean loss."""
+        self.step += 1
+        self.tokens_seen += self.layout.tokens_per_step
+        if self.pipelined:
+            # 1F1B over the stages; the loss comes back averaged over micro batches and DP
+            # replicas and broadcast from the last stage to every stage.
+            return self.engine.train_batch(data_iter=self.pipe_iter).item()
         masking = self.cfg.model.document_masking
         losses = []
         for _ in range(self.layout.grad_accum_steps):
@@ -114,8 +132,6 @@ class Trainer:
             losses.append(loss.detach().float())
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean, group=_dp_group())
-        self.step += 1
-        self.tokens_seen += self.layout.tokens_per_step
         return mean.item() / self.dims.dp
 
     # -- validation --------------------------------------------------------------------------
@@ -125,12 +141,7 @@ class Trainer:
         """Loss, perplexity and next-token accuracy over the validation batches of all DP ranks."""
         if self.valid_data is None:
             return {}
-        self.engine.eval()
-        masking = self.cfg.model.document_masking
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, counted
-        for batch in self.valid_data:
-            totals += self.engine(**model_inputs(batch, masking), return_stats=True).cpu()
-        self.engine.train()
+        totals = self._pipeline_eval_totals() if self.pipelined else self._eval_totals()
         dist.all_reduce(totals, group=_dp_group())
         loss = (totals[0] / totals[2].clamp(min=1)).item()
         return {
@@ -138,6 +149,39 @@ class Trainer:
             "val/perplexity": float(torch.exp(torch.tensor(loss))),
             "val/accuracy": (totals[1] / totals[2].clamp(min=1)).item(),
         }
+
+    def _eval_totals(self) -> torch.Tensor:
+        self.engine.eval()
+        masking = self.cfg.model.document_masking
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, counted
+        for batch in self.valid_data:
+            totals += self.engine(**model_inputs(batch, masking), return_stats=True).cpu()
+        self.engine.train()
+        return totals
+
+    def _pipeline_eval_totals(self) -> torch.Tensor:
+        """Validation through the pipeline: the last stage computes the (3,) stats per micro
+        batch; they are broadcast from it to every stage of this pipeline."""
+        masking = self.cfg.model.document_masking
+        batches = [pipeline_batch(b, masking) for b in self.valid_data]
+        loss_fn = self.engine.module.loss_fn
+        loss_fn.stats = True
+        outputs = self.engine.eval_batch(
+            iter(batches),
+            compute_loss=True,
+            reduce_output=None,
+            bcast_loss=False,
+            num_micro_batches=len(batches),
+        )
+        loss_fn.stats = False
+        self.engine.train()
+        totals = torch.zeros(3, dtype=torch.float64)
+        if self.engine.is_last_stage():
+            totals = torch.stack(list(outputs)).sum(dim=0).cpu()
+        grid = self.engine.grid
+        last = grid.stage_to_global(grid.get_pipe_parallel_world_size() - 1)
+        dist.broadcast(totals, src=last, group=grid.get_pipe_parallel_group())
+        return totals
 
     # -- the loop ----------------------------------------------------------------------------
 

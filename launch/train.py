@@ -1,0 +1,50 @@
+"""Pre-training / fine-tuning entry point. Run under torchrun (or srun + torchrun), or alone:
+
+    torchrun --nproc_per_node 4 launch/train.py --config configs/demo.yaml optim.train_steps=50
+    python launch/train.py --config configs/debug.yaml          # one process, world size 1
+
+Positional arguments are `a.b.c=value` overrides applied on top of the YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zenlm.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="YAML under configs/")
+    parser.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    # Imported after the config is known good: deepspeed/megatron imports take seconds.
+    from zenlm.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    history = trainer.fit()
+    if trainer.rank == 0 and history:
+        last = history[-1]
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
+        print(f"done: step {int(last['step'])}: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
