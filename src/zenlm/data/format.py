@@ -140,7 +140,9 @@ class CorpusManifest:
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> CorpusManifest:
         try:
             if d.get("format") != FORMAT_NAME:
-                raise CorpusError(f"{where}: not a zenlm corpus manifest (format={d.get('format')!r})")
+                raise CorpusError(
+                    f"{where}: not a zenlm corpus manifest (format={d.get('format')!r})"
+                )
             if d.get("format_version") != FORMAT_VERSION:
                 raise CorpusError(
                     f"{where}: format_version {d.get('format_version')} unsupported "

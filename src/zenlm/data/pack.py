@@ -1,0 +1,161 @@
+"""Packing token streams into fixed-length samples, and writing samples into tar shards.
+
+Packing: documents (each already ending in EOS) are concatenated in input order and cut into
+samples of tokens_per_sample = seq_len + 1 tokens. A document may span samples. For each sample
+the positions in [1, seq_len] where a document begins are kept (format.py ``docstarts``) so the
+loader can mask attention per document. The final partial sample of a split is dropped; the
+writer counts its tokens in the manifest stats.
+
+Sharding: shard i of a split holds samples [i * S, (i + 1) * S) with S = samples_per_shard, a
+pure function of the settings. The same inputs and settings therefore give byte-identical shards
+(tar mtimes are fixed), which is what lets a rerun skip shards that are already complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from zenlm.data.format import ShardInfo, encode_sample, sample_key, shard_name
+
+TAR_BLOCK = 512
+
+
+class Packer:
+    """Stateful cutter of one split's token stream into (tokens_per_sample,) samples."""
+
+    def __init__(self, tokens_per_sample: int):
+        self.tokens_per_sample = tokens_per_sample
+        self._tail = np.zeros(0, dtype=np.uint32)  # tokens not yet in a full sample
+        self._tail_starts = np.zeros(0, dtype=np.int64)  # doc starts inside _tail
+
+    @property
+    def leftover_tokens(self) -> int:
+        return len(self._tail)
+
+    def add(
+        self, tokens: np.ndarray, doc_lens: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Append documents (concatenated `tokens`, lengths `doc_lens`); yield each full sample.
+
+        Yields (tokens, docstarts): a view of tokens_per_sample ids and the uint32 positions in
+        [1, seq_len] where a document starts inside it.
+        """
+        if len(tokens) == 0:
+            return
+        n = self.tokens_per_sample
+        offset = len(self._tail)
+        stream = np.concatenate([self._tail, tokens])
+        new_starts = offset + np.concatenate([[0], np.cumsum(doc_lens[:-1])]).astype(np.int64)
+        starts = np.concatenate([self._tail_starts, new_starts])
+        full = len(stream) // n
+        # Doc starts per sample: sample index starts // n, position starts % n (0 is implicit).
+        cut = np.searchsorted(starts, np.arange(1, full + 1) * n)
+        begin = 0
+        for k in range(full):
+            s = starts[begin : cut[k]] - k * n
+            begin = cut[k]
+            yield stream[k * n : (k + 1) * n], s[s > 0].astype("<u4")
+        self._tail = stream[full * n :]
+        self._tail_starts = starts[begin:] - full * n
+
+
+def sample_tar_bytes(tokens_per_sample: int, itemsize: int) -> int:
+    """Approximate tar bytes per sample: two members, each a header block plus padded data
+    (docstarts counted as one data block, i.e. up to 128 document starts)."""
+    data = -(-tokens_per_sample * itemsize // TAR_BLOCK) * TAR_BLOCK
+    return TAR_BLOCK + data + 2 * TAR_BLOCK
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardSink:
+    """Writes one split's samples into shards of `samples_per_shard`, skipping complete ones.
+
+    `complete` maps shard file names to ShardInfo for shards verified complete by an earlier run
+    with the same settings: their samples are counted but not written again. `on_shard` is called
+    with each shard's ShardInfo as it completes (written or skipped), in order.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        samples_per_shard: int,
+        dtype: np.dtype,
+        complete: dict[str, ShardInfo],
+        on_shard: Callable[[ShardInfo, bool], None],
+    ):
+        self.out_dir, self.split, self.dtype = out_dir, split, dtype
+        self.samples_per_shard = samples_per_shard
+        self.complete, self.on_shard = complete, on_shard
+        self.samples = 0  # samples seen in this split (also the next sample's key)
+        self._shard_index = 0
+        self._in_shard = 0
+        self._tokens_in_shard = 0
+        self._writer: wds.TarWriter | None = None
+        self._file = None
+        self._skip = False
+
+    def _name(self) -> str:
+        return shard_name(self.split, self._shard_index)
+
+    def _open(self) -> None:
+        self._skip = self._name() in self.complete
+        if not self._skip:
+            tmp = self.out_dir / (self._name() + ".tmp")
+            self._file = open(tmp, "wb")  # noqa: SIM115 (closed in _finish, spans many writes)
+            # mtime fixed and no encoder: the tar bytes depend on the samples only.
+            self._writer = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+            # TarWriter does not pass its format on to tarfile (which then defaults to pax);
+            # plain ustar headers are ~40% cheaper per member and all we need.
+            self._writer.tarstream.format = tarfile.USTAR_FORMAT
+
+    def write(self, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
+        if self._in_shard == 0:
+            self._open()
+        if not self._skip:
+            self._writer.write(
+                encode_sample(sample_key(self.samples), tokens, doc_starts, self.dtype)
+            )
+        self.samples += 1
+        self._in_shard += 1
+        self._tokens_in_shard += len(tokens)
+        if self._in_shard == self.samples_per_shard:
+            self._finish()
+
+    def _finish(self) -> None:
+        name = self._name()
+        if self._skip:
+            info, skipped = self.complete[name], True
+        else:
+            self._writer.close()  # closes the tar stream, not our file
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            tmp = self.out_dir / (name + ".tmp")
+            info = ShardInfo(name, self._in_shard, self._tokens_in_shard, sha256_file(tmp))
+            os.replace(tmp, self.out_dir / name)
+            skipped = False
+        self._writer = self._file = None
+        self.on_shard(info, skipped)
+        self._shard_index += 1
+        self._in_shard = 0
+        self._tokens_in_shard = 0
+
+    def close(self) -> None:
+        """Finish the last, possibly smaller, shard."""
+        if self._in_shard:
+            self._finish()

@@ -1,0 +1,91 @@
+"""Tokenize text / JSONL / .gz inputs into a packed, sharded webdataset corpus with a manifest.
+
+    python tools/preprocess.py data/*.jsonl.gz --tokenizer tokenizer.model --out corpus/ \
+        --seq-len 4096 --valid-fraction 0.001
+
+Re-running with the same inputs and settings skips shards already complete. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zenlm.data.readers import BadInputError
+from zenlm.data.writer import preprocess_corpus
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("inputs", nargs="+", help="text, .jsonl/.json/.ndjson files, optionally .gz")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    p.add_argument("--out", required=True, help="corpus directory")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample seen by the model")
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size (MiB)")
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of documents (by hash) that go to the valid split",
+    )
+    p.add_argument("--text-field", default="text", help="JSONL field holding the document text")
+    p.add_argument(
+        "--text-mode",
+        choices=("file", "line"),
+        default="file",
+        help="plain text: one document per file, or one per non-empty line",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="encoder processes (default: all cores)"
+    )
+    p.add_argument("--add-bos", action="store_true", help="put BOS before each document")
+    p.add_argument(
+        "--dtype",
+        choices=("uint16", "uint32"),
+        default=None,
+        help="token dtype (default: uint16 when the vocabulary fits)",
+    )
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="fail when more than this fraction of a file's records are bad",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        r = preprocess_corpus(
+            a.inputs,
+            a.out,
+            a.tokenizer,
+            a.seq_len,
+            int(a.shard_size_mb * 2**20),
+            valid_fraction=a.valid_fraction,
+            text_field=a.text_field,
+            text_mode=a.text_mode,
+            num_workers=a.workers,
+            add_bos=a.add_bos,
+            dtype=a.dtype,
+            max_bad_fraction=a.max_bad_fraction,
+            progress=not a.no_progress,
+        )
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = r.manifest
+    for name, split in m.splits.items():
+        print(f"{name}: {len(split.shards)} shards, {split.samples} samples, {split.tokens} tokens")
+    print(f"shards written {r.shards_written}, skipped (already complete) {r.shards_skipped}")
+    for path, bad in r.bad_records.items():
+        print(f"bad records in {path}: " + ", ".join(f"{k}={v}" for k, v in bad.items() if v))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
