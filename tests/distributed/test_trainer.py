@@ -45,9 +45,9 @@ def _run(overrides, steps, run_dir, name, valid=False, fit=False):
         return [next(it) for _ in range(2)]
 
     trainer = Trainer(cfg, train_data=data, valid_data=valid_data if valid else None)
-    if fit:
-        return trainer.fit()
-    return [trainer.train_step() for _ in range(steps)]
+    result = trainer.fit() if fit else [trainer.train_step() for _ in range(steps)]
+    trainer.close()
+    return result
 
 
 def _worker(rank, world_size, run_dir):

@@ -46,6 +46,7 @@ def _losses_per_stage(rank, world_size, overrides, stages, run_dir):
         out[stage] = [trainer.train_step() for _ in range(STEPS)]
         grad_norm = float(trainer.engine.get_global_grad_norm())
         out[f"grad_norm{stage}"] = grad_norm
+        trainer.close()
     return out
 
 

@@ -55,13 +55,18 @@ def rank_micro_batches(
 
 def reference_losses(cfg: RunConfig, steps: int, seed: int = 0) -> list[float]:
     """Per-step mean losses of a plain single-process fp32 run of cfg on global_batches(seed)."""
+    return reference_run(cfg, steps, seed)[0]
+
+
+def reference_run(cfg: RunConfig, steps: int, seed: int = 0) -> tuple[list[float], list[float]]:
+    """(per-step mean losses, per-step pre-clipping global grad norms) of the reference run."""
     torch.manual_seed(cfg.runtime.seed)
     factory = PlainFactory()
     model = Transformer(cfg.model, factory, seed=cfg.runtime.seed)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(cfg.optim))
     mbs = cfg.data.micro_batch_size_seqs
-    losses = []
+    losses, grad_norms = [], []
     data = global_batches(cfg, seed)
     for _ in range(steps):
         tokens = next(data)
@@ -72,10 +77,10 @@ def reference_losses(cfg: RunConfig, steps: int, seed: int = 0) -> list[float]:
             loss = mean_loss(factory, model(batch["input_ids"]), batch["labels"])
             (loss / n_micro).backward()
             total += loss.item()
-        if cfg.optim.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
+        max_norm = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else float("inf")
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         losses.append(total / n_micro)
-    return losses
+    return losses, grad_norms
