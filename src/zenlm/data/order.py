@@ -51,40 +51,60 @@ class EpochOrder:
 
     shard_sizes: samples per shard, in manifest order. stream: distinguishes corpora (and
     splits) sharing a seed. shuffle=False gives the natural order (validation).
+    window_shards: the permuted shard sequence of an epoch is cut into windows of this many
+    shards, and the samples of each window are permuted jointly. A shard holds a contiguous run
+    of the source documents (preprocessing packs in input order), so permuting within one shard
+    only would train on one stretch of the corpus at a time; a window mixes W random shards while
+    keeping the index memory at W shards' sample counts. W >= shard count is a full permutation.
     """
 
     def __init__(
-        self, shard_sizes: Sequence[int], seed: int, stream: int = 0, shuffle: bool = True
+        self,
+        shard_sizes: Sequence[int],
+        seed: int,
+        stream: int = 0,
+        shuffle: bool = True,
+        window_shards: int = 16,
     ) -> None:
         self.sizes = np.asarray(shard_sizes, dtype=np.int64)
         self.total = int(self.sizes.sum())
         if self.total <= 0:
             raise ValueError("EpochOrder needs at least one sample")
+        if window_shards < 1:
+            raise ValueError(f"window_shards must be >= 1, got {window_shards}")
         self.seed, self.stream, self.shuffle = int(seed), int(stream), shuffle
-        # Epochs and shards in flight at once: 2 epochs (a batch may straddle the boundary) and
-        # a few shards (workers read neighbouring micro batches); both are cheap to rebuild.
+        self.window = int(window_shards) if shuffle else 1
+        # Epochs and windows in flight at once: 2 epochs (a batch may straddle the boundary) and
+        # a few windows (workers read neighbouring micro batches); both are cheap to rebuild.
         self._epochs = _LRU(2)
-        self._members = _LRU(16)
+        self._windows = _LRU(4)
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(shard at each visiting slot, first epoch position of each slot)."""
+        """(shard at each visiting slot, first epoch position of each window)."""
         hit = self._epochs.get(epoch)
         if hit is not None:
             return hit
         n = len(self.sizes)
         perm = seeded_permutation(n, (self.seed, self.stream, epoch, 0)) if self.shuffle else None
         perm = np.arange(n) if perm is None else perm
-        starts = np.concatenate([[0], np.cumsum(self.sizes[perm])[:-1]])
-        return self._epochs.put(epoch, (perm, starts))
+        window_sizes = np.add.reduceat(self.sizes[perm], np.arange(0, n, self.window))
+        window_starts = np.concatenate([[0], np.cumsum(window_sizes)[:-1]])
+        return self._epochs.put(epoch, (perm, window_starts))
 
-    def _member_perm(self, epoch: int, shard: int) -> np.ndarray | None:
-        if not self.shuffle:
-            return None
-        hit = self._members.get((epoch, shard))
+    def _window(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard of each window position, member of each window position) for window w."""
+        hit = self._windows.get((epoch, w))
         if hit is not None:
             return hit
-        key = (self.seed, self.stream, epoch, 1, shard)
-        return self._members.put((epoch, shard), seeded_permutation(int(self.sizes[shard]), key))
+        perm, _ = self._epoch(epoch)
+        shards = perm[w * self.window : (w + 1) * self.window]
+        sizes = self.sizes[shards]
+        shard_of = np.repeat(shards, sizes)
+        member_of = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        if self.shuffle:
+            mix = seeded_permutation(len(shard_of), (self.seed, self.stream, epoch, 1, w))
+            shard_of, member_of = shard_of[mix], member_of[mix]
+        return self._windows.put((epoch, w), (shard_of, member_of))
 
     def locate(self, js: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(count,) int64 corpus-local indices -> (shard, member) arrays of the same shape."""
@@ -93,16 +113,13 @@ class EpochOrder:
         shards = np.empty_like(js)
         members = np.empty_like(js)
         for e in np.unique(epochs).tolist():
-            sel = epochs == e
-            perm, starts = self._epoch(e)
-            # side="right" - 1 skips empty shards: their slot shares its start with the next.
-            slot = np.searchsorted(starts, pos[sel], side="right") - 1
-            shard, offset = perm[slot], pos[sel] - starts[slot]
-            member = offset.copy()
-            for s in np.unique(shard).tolist():
-                mperm = self._member_perm(e, s)
-                if mperm is not None:
-                    here = shard == s
-                    member[here] = mperm[offset[here]]
-            shards[sel], members[sel] = shard, member
+            sel = np.flatnonzero(epochs == e)
+            _, window_starts = self._epoch(e)
+            # side="right" - 1 skips empty windows: they share their start with the next.
+            windows = np.searchsorted(window_starts, pos[sel], side="right") - 1
+            for w in np.unique(windows).tolist():
+                here = sel[windows == w]
+                shard_of, member_of = self._window(e, w)
+                offset = pos[here] - window_starts[w]
+                shards[here], members[here] = shard_of[offset], member_of[offset]
         return shards, members
