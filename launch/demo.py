@@ -4,12 +4,14 @@
 2. Tokenizes, packs and shards them into a webdataset corpus (train + validation split).
 3. Trains the debug model at TP 2 x DP 2 with ZeRO-1 on 4 CPU processes (torchrun), validating
    every 50 steps; TensorBoard logs and the resolved config land in runs/demo/.
-Steps 1-2 are skipped when their outputs exist (the corpus rerun skips complete shards).
+Steps 1-2 are skipped when their outputs exist (the corpus rerun skips complete shards); step 3
+starts a fresh run in runs/demo/ every time.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -60,6 +62,8 @@ def build_data() -> None:
 
 
 def train() -> int:
+    # A fresh run each time: with checkpoint.resume=auto a finished run would resume at its end.
+    shutil.rmtree(ROOT / "runs" / "demo", ignore_errors=True)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
         str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),

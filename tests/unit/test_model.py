@@ -205,24 +205,32 @@ def test_full_state_round_trip_and_strictness() -> None:
         load_full_state_dict(other, other.factory, bad)
 
 
-def test_selective_checkpointing_of_attention_core() -> None:
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            return checkpoint(self.inner, *args, use_reentrant=False)
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_leaves_every_gradient_unchanged(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zenlm's own wrapper (as the trainer applies it): identical gradients, real recomputation."""
+    from zenlm.parallel.checkpointing import apply_activation_checkpointing
 
     ids = ids_for(CFG)
     ref, model = Transformer(CFG), Transformer(CFG)
-    for block in model.layers:
-        block.attention.core = Checkpointed(block.attention.core)
+    assert apply_activation_checkpointing(list(model.layers), mode) == CFG.num_layers
+    names_before = [n for n, _ in ref.named_parameters()]
+    assert [n for n, _ in model.named_parameters()] == names_before  # names unchanged
+
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, {"n": 0}
+
+    def counting_sdpa(*args, **kwargs):
+        calls["n"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
     ref(ids).logsumexp(-1).mean().backward()
+    assert calls["n"] == CFG.num_layers
     model(ids).logsumexp(-1).mean().backward()
-    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+    # Forward once per layer, then once more per layer when backward recomputes.
+    assert calls["n"] == 3 * CFG.num_layers, f"{mode}: SDPA ran {calls['n']} times"
+    for (name, a), b in zip(ref.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
 
 

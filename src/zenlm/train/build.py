@@ -75,16 +75,23 @@ def pipeline_batch(
     return first, inputs["labels"]
 
 
-def model_inputs(batch: dict[str, torch.Tensor], document_masking: bool) -> dict[str, torch.Tensor]:
-    """The loader's batch -> the loss module's keyword inputs.
+def model_inputs(
+    batch: dict[str, torch.Tensor],
+    document_masking: bool,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """The loader's batch -> the loss module's keyword inputs, on `device` when given.
 
     Without document masking the model uses positions 0..s-1 across packed documents (as Llama
     pre-training does); with it, positions restart and attention stays inside each document.
+    DeepSpeed's plain engine does not move inputs; its pipeline engine does (device=None there).
     """
     inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
     if document_masking:
         inputs["position_ids"] = batch["position_ids"]
         inputs["doc_ids"] = batch["doc_ids"]
+    if device is not None:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     return inputs
 
 
