@@ -6,7 +6,7 @@ loss and grad norm must equal the single-process plain-PyTorch reference within 
 Gradient accumulation is on wherever DP < 8 (8 sequences, micro batch 1: 8 / DP micro batches
 per step). A second pass repeats every (TP, PP, DP) layout (ZeRO-0/1) with activation
 checkpointing on (full and selective alternating), sequence parallelism wherever TP > 1, and
-tied embeddings at PP > 1.
+tied embeddings with the stage split by parameter count at PP > 1.
 
 One process group per world size runs all of its cases (start-up dominates on 2 cores).
 """
@@ -71,7 +71,11 @@ def cases(world_size: int) -> list[tuple[str, list[str], list[str]]]:
         if tp > 1:
             extra.append("parallel.sequence_parallel_enabled=true")
         model = TIED if pp > 1 else []
-        flags = f"AC {ac}" + (" SP" if tp > 1 else "") + (" tied" if model else "")
+        if pp > 1:
+            extra.append("parallel.pipeline_split=parameters")
+        flags = (
+            f"AC {ac}" + (" SP" if tp > 1 else "") + (" tied, split by parameters" if model else "")
+        )
         out.append((f"{name} {flags}", layout + extra, model))
     return out
 

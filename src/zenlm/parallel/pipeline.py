@@ -99,11 +99,12 @@ def local_blocks(module: nn.Module) -> list[Block]:
     return [m for m in module.modules() if isinstance(m, Block)]
 
 
-def check_pipeline_grid(engine: Any, dims: ParallelDims) -> None:
-    """DeepSpeed's pipeline grid and megatron-core's groups must agree rank by rank."""
+def check_pipeline_grid(grid: Any, dims: ParallelDims) -> None:
+    """DeepSpeed's pipeline grid (engine.grid) and megatron-core's groups must agree rank by rank:
+    other axis orders run without error but train wrongly (notes/stack-probe.md)."""
     from megatron.core import parallel_state as ps
 
-    grid, rank = engine.grid, dist.get_rank()
+    rank = dist.get_rank()
     ours = dims.coords(rank)
     theirs = (grid.get_stage_id(), grid.get_data_parallel_rank(), grid.get_slice_parallel_rank())
     megatron = (

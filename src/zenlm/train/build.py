@@ -59,7 +59,7 @@ def build_training_engine(
     init_weights(module, cfg.model, factory, seed=cfg.runtime.seed)
     apply_activation_checkpointing(local_blocks(module), cfg.runtime.activation_checkpointing)
     engine = build_engine(module, cfg, layout)
-    check_pipeline_grid(engine, dims)
+    check_pipeline_grid(engine.grid, dims)
     return engine, factory
 
 
