@@ -117,7 +117,7 @@ def test_parse_override_nesting():
                 "model.intermediate_size=256",
             ],
             4,
-            "model.num_attention_heads (6) is not divisible by parallel.tensor_parallel_degree (4)",
+            "model.num_attention_heads (6) is not divisible by tensor_parallel_degree (4)",
         ),
         (
             [
@@ -127,7 +127,7 @@ def test_parse_override_nesting():
                 "model.intermediate_size=256",
             ],
             4,
-            "model.num_kv_heads (2) is not divisible by parallel.tensor_parallel_degree (4)",
+            "model.num_kv_heads (2) is not divisible by tensor_parallel_degree (4)",
         ),
         (
             ["data.global_batch_size_seqs=10", "data.micro_batch_size_seqs=2"],

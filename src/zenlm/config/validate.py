@@ -30,26 +30,13 @@ class Layout:
 
 
 def _check_model(cfg: RunConfig, tp: int, pp: int) -> None:
+    from zenlm.model.transformer import check_model_config
+
     m = cfg.model
-    if m.head_dim is None and m.hidden_size % m.num_attention_heads:
-        raise ConfigError(
-            f"model.hidden_size ({m.hidden_size}) is not divisible by "
-            f"model.num_attention_heads ({m.num_attention_heads}); set model.head_dim explicitly"
-        )
-    if m.num_attention_heads % m.kv_heads:
-        raise ConfigError(
-            f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by "
-            f"model.num_kv_heads ({m.kv_heads})"
-        )
-    for name, value in (
-        ("model.num_attention_heads", m.num_attention_heads),
-        ("model.num_kv_heads", m.kv_heads),
-        ("model.intermediate_size", m.intermediate_size),
-    ):
-        if value % tp:
-            raise ConfigError(
-                f"{name} ({value}) is not divisible by parallel.tensor_parallel_degree ({tp})"
-            )
+    try:
+        check_model_config(m, tp)  # heads, kv heads, head_dim, intermediate size vs TP
+    except ValueError as e:
+        raise ConfigError(f"model.{e}") from e
     if cfg.parallel.pipeline_split == "layers" and m.num_layers % pp:
         raise ConfigError(
             f"model.num_layers ({m.num_layers}) is not divisible by "
