@@ -21,6 +21,7 @@ The extra (+1) token lets a sample give inputs = tokens[:-1] and labels = tokens
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -35,6 +36,15 @@ MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "valid")
 TOKENS_EXT = "tokens"
 DOCSTARTS_EXT = "docstarts"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class CorpusError(RuntimeError):

@@ -13,7 +13,6 @@ pure function of the settings. The same inputs and settings therefore give byte-
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from zenlm.data.format import ShardInfo, encode_sample, sample_key, shard_name
+from zenlm.data.format import ShardInfo, encode_sample, sample_key, sha256_file, shard_name
 
 TAR_BLOCK = 512
 
@@ -71,14 +70,6 @@ def sample_tar_bytes(tokens_per_sample: int, itemsize: int) -> int:
     (docstarts counted as one data block, i.e. up to 128 document starts)."""
     data = -(-tokens_per_sample * itemsize // TAR_BLOCK) * TAR_BLOCK
     return TAR_BLOCK + data + 2 * TAR_BLOCK
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardSink:

@@ -10,7 +10,6 @@ option that would change this, so it is documented (docs/data.md) rather than wo
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
-from zenlm.data.format import TokenizerInfo
+from zenlm.data.format import TokenizerInfo, sha256_file
 from zenlm.data.readers import DocumentReader
 
 VOCAB_MULTIPLE = 128
@@ -42,11 +41,7 @@ def round_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 def fingerprint_file(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file (the tokenizer fingerprint when given a .model file)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def training_sentences(documents: Iterable[str]) -> Iterator[str]:
