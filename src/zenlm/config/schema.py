@@ -102,6 +102,14 @@ class CheckpointConfig:
     """Checkpoints kept (older ones are deleted after a newer one is complete)."""
     resume: str = "auto"
     """'auto' = newest complete checkpoint if any, 'none', or a checkpoint path."""
+    keep_every_steps: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, forever; 0 = none."""
+    max_consecutive_nonfinite_steps: int = 10
+    """Stop with an error after this many skipped non-finite steps in a row; 0 = never stop."""
+    loss_spike_factor: float = 3.0
+    """Log a warning when a loss exceeds this x the mean of the recent window; 0 disables."""
+    loss_spike_window_steps: int = 50
+    """Finite losses in the spike detector's mean (no spikes are reported before it is full)."""
 
 
 @dataclass

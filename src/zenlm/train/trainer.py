@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from zenlm.checkpoint.session import CheckpointSession
 from zenlm.config.load import dump_config
 from zenlm.config.schema import RunConfig
 from zenlm.config.validate import validate
@@ -85,6 +86,9 @@ class Trainer:
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(cfg.model, self.layout.seq_len_tokens)
         self.peak_tflops = cfg.logging.peak_tflops_per_device or detect_peak_tflops()
+        # Checkpoints (zenlm.checkpoint.session): resume now, so step/data/optimizer continue.
+        self.checkpoints = CheckpointSession(self)
+        self.checkpoints.resume()
 
     def _build_corpus_loaders(self, dp_rank: int) -> tuple[Any, Any]:
         from zenlm.data import build_train_loader, build_valid_loader
@@ -125,7 +129,7 @@ class Trainer:
         masking = self.cfg.model.document_masking
         losses = []
         for _ in range(self.layout.grad_accum_steps):
-            batch = model_inputs(next(self.train_iter), masking)
+            batch = model_inputs(next(self.train_iter), masking, self.engine.device)
             loss = self.engine(**batch)
             self.engine.backward(loss)
             self.engine.step()  # a no-op except at the accumulation boundary
@@ -155,7 +159,8 @@ class Trainer:
         masking = self.cfg.model.document_masking
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, counted
         for batch in self.valid_data:
-            totals += self.engine(**model_inputs(batch, masking), return_stats=True).cpu()
+            inputs = model_inputs(batch, masking, self.engine.device)
+            totals += self.engine(**inputs, return_stats=True).cpu()
         self.engine.train()
         return totals
 
@@ -205,14 +210,27 @@ class Trainer:
         return out
 
     def fit(self) -> list[dict[str, float]]:
-        lg, total = self.cfg.logging, self.cfg.optim.train_steps
         history: list[dict[str, float]] = []
         start = time.perf_counter()
+        self.checkpoints.requests.install()  # SIGTERM/SIGUSR1: save at the step boundary, stop
+        try:
+            self._loop(history, start)
+        finally:
+            self.checkpoints.requests.uninstall()
+            self.tb.close()
+        return history
+
+    def _loop(self, history: list[dict[str, float]], start: float) -> None:
+        lg, total = self.cfg.logging, self.cfg.optim.train_steps
         while self.step < total:
             lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler steps inside)
             t0 = time.perf_counter()
+            skipped_before = self.engine.skipped_steps
             loss = self.train_step()
             scalars = self._scalars(loss, lr, time.perf_counter() - t0)
+            # Non-finite steps were skipped by the engine; count them, stop after too many.
+            stop = self.checkpoints.after_step(loss, self.engine.skipped_steps > skipped_before)
+            scalars.update(self.checkpoints.scalars())
             if lg.eval_interval_steps and (
                 self.step % lg.eval_interval_steps == 0 or self.step == total
             ):
@@ -225,8 +243,18 @@ class Trainer:
             ):
                 self.tb.scalars(scalars, self.step)
                 self._console(scalars, start)
+            if stop:
+                return  # saved already (the stop request implies a save)
+        self.checkpoints.finish()
+
+    def close(self) -> None:
+        """Flush logs and release this run's process groups (the default group stays), so the
+        same processes can build another run at another layout."""
+        from zenlm.parallel.dims import release_process_groups
+
         self.tb.close()
-        return history
+        self.engine = None
+        release_process_groups()
 
     def _console(self, s: dict[str, float], start: float) -> None:
         elapsed = time.perf_counter() - start

@@ -1,0 +1,326 @@
+"""The Trainer's checkpointing: resume at start, save on schedule / request / at the end.
+
+    session = CheckpointSession(trainer)   # after the engine and the data exist
+    session.resume()                       # checkpoint.resume: auto | none | <path>
+    ... each step: stop = session.after_step(loss, skipped)
+    session.finish()                       # the final save
+
+Every public method is collective (all ranks call it at the same point). Errors on one rank are
+shared with the others before anyone raises, so a full disk or a torn file never leaves ranks
+waiting for each other in a collective.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import yaml
+from safetensors import safe_open
+
+import zenlm
+from zenlm.checkpoint import runstate
+from zenlm.checkpoint.faults import StepHealth, StopRequests, guard_plain_optimizer
+from zenlm.checkpoint.io import CheckpointError, read_json, write_bytes, write_json, write_tensors
+from zenlm.checkpoint.store import CheckpointStore, file_records, read_meta, verify_files
+from zenlm.checkpoint.weights import load_weights, save_weights
+from zenlm.config.load import to_dict
+from zenlm.runtime.log import get_logger
+
+log = get_logger()
+
+
+def _all_errors(err: str | None) -> list[str]:
+    """Every rank's error message (or None), gathered to all ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [err] if err else []
+    out: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, err)
+    return [e for e in out if e]
+
+
+def _from_rank0(value: Any) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class CheckpointSession:
+    def __init__(self, trainer: Any) -> None:
+        self.t = trainer
+        self.cfg = trainer.cfg.checkpoint
+        root = self.cfg.dir or Path(trainer.run_dir) / "checkpoints"
+        self.store = CheckpointStore(root)
+        self.requests = StopRequests(Path(trainer.run_dir))
+        self.health = StepHealth(
+            self.cfg.max_consecutive_nonfinite_steps,
+            self.cfg.loss_spike_factor,
+            self.cfg.loss_spike_window_steps,
+            fp16=trainer.cfg.runtime.precision == "fp16",
+        )
+        guard_plain_optimizer(trainer.engine)
+        self.last_saved_step: int | None = None
+        self.loaded_from: Path | None = None
+
+    # -- what the trainer calls --------------------------------------------------------------
+
+    def after_step(self, loss: float, skipped: bool) -> bool:
+        """Health check, then any save that is due; True when the run must stop (signal)."""
+        self.health.observe(self.t.step, loss, skipped)
+        save_now, stop = self.requests.poll()
+        every = self.cfg.save_interval_steps
+        if save_now or (every and self.t.step % every == 0):
+            self.save()
+            if save_now and self.t.rank == 0:
+                self.requests.consume_flag_file()
+        if stop:
+            log.info(
+                f"stop requested (signal {self.requests.signal_received}) at step {self.t.step}"
+            )
+        return stop
+
+    def finish(self) -> None:
+        if self.last_saved_step != self.t.step:
+            self.save()
+
+    def scalars(self) -> dict[str, float]:
+        return {
+            "train/nonfinite_steps": float(self.health.nonfinite_steps),
+            "train/loss_spikes": float(self.health.spikes),
+        }
+
+    # -- save --------------------------------------------------------------------------------
+
+    def _layout(self) -> dict[str, Any]:
+        lay, c = self.t.layout, self.t.cfg
+        return {
+            "world_size": lay.world_size,
+            "tensor_parallel_degree": lay.tensor_parallel_degree,
+            "pipeline_parallel_degree": lay.pipeline_parallel_degree,
+            "data_parallel_degree": lay.data_parallel_degree,
+            "zero_stage": c.parallel.zero_stage,
+            "precision": c.runtime.precision,
+            "micro_batch_size_seqs": lay.micro_batch_size_seqs,
+            "grad_accum_steps": lay.grad_accum_steps,
+            "global_batch_size_seqs": lay.global_batch_size_seqs,
+            "seq_len_tokens": lay.seq_len_tokens,
+        }
+
+    def _tokenizer_fingerprint(self) -> str | None:
+        path = self.t.cfg.data.tokenizer_path
+        if not path:
+            return None
+        from zenlm.data.tokenizer import fingerprint_file
+
+        return fingerprint_file(path)
+
+    def save(self) -> Path:
+        t, step, rank = self.t, self.t.step, self.t.rank
+        start = time.perf_counter()
+        err = None
+        if rank == 0:
+            try:
+                self.store.begin(step)
+            except OSError as e:
+                err = f"cannot create {self.store.tmp_dir(step)}: {e}"
+        err = _from_rank0(err)
+        if err:
+            raise CheckpointError(err)
+        tmp = self.store.tmp_dir(step)
+        result: tuple[dict, dict, dict] = ({}, {}, {})
+        local_err = None
+        try:
+            result = save_weights(t.engine, t.factory, t.dims, tmp, rank)
+            tensors, meta = runstate.rng_state()
+            result[0][f"rng-r{rank:05d}.safetensors"] = write_tensors(
+                tmp / f"rng-r{rank:05d}.safetensors", tensors, meta
+            )
+        except Exception as e:  # shared below, so no rank is left in a collective alone
+            local_err = f"rank {rank}: {e}"
+        errors = _all_errors(local_err)
+        gathered: list[Any] = [result]
+        if not errors and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, result)
+        outcome: tuple[str | None, str | None] = (None, "; ".join(errors) or None)
+        if rank == 0:
+            outcome = self._commit(step, gathered) if not errors else outcome
+            if outcome[1]:
+                shutil.rmtree(tmp, ignore_errors=True)  # frees the partial save's space
+        path, error = _from_rank0(outcome)
+        if error:
+            prev = self.store.steps()
+            raise CheckpointError(
+                f"checkpoint of step {step} failed: {error}. The previous checkpoint "
+                f"({self.store.path(prev[0]) if prev else 'none'}) is intact."
+            )
+        self.last_saved_step = step
+        log.info(f"saved checkpoint {path} in {time.perf_counter() - start:.1f} s")
+        return Path(path)
+
+    def _commit(self, step: int, gathered: list[Any]) -> tuple[str | None, str | None]:
+        """Rank 0: trainer.json, config.yaml, meta.json, rename, latest, prune."""
+        t = self.t
+        try:
+            tmp = self.store.tmp_dir(step)
+            files: dict = {}
+            index: dict[str, dict[str, str]] = {"model": {}, "optim": {}}
+            shapes: dict[str, list[int]] = {}
+            for recs, idx, shp in gathered:
+                files.update(recs)
+                for kind in index:
+                    index[kind].update(idx.get(kind, {}))
+                shapes.update(shp)
+            loader = t.train_loader
+            state = {
+                "step": step,
+                "tokens_seen": t.tokens_seen,
+                "optimizer": runstate.optimizer_state(t.engine),
+                "health": self.health.state_dict(),
+                "data": loader.state_dict() if hasattr(loader, "state_dict") else None,
+            }
+            files["trainer.json"] = write_json(tmp / "trainer.json", state)
+            config_text = yaml.safe_dump(to_dict(t.cfg), sort_keys=False).encode()
+            files["config.yaml"] = write_bytes(tmp / "config.yaml", config_text)
+            meta = {
+                "zenlm_version": zenlm.__version__,
+                "created_unix": time.time(),
+                "tokens_seen": t.tokens_seen,
+                "layout": self._layout(),
+                "tokenizer_fingerprint": self._tokenizer_fingerprint(),
+                "parameter_count": sum(_numel(s) for s in shapes.values()),
+                "tensors": index,
+                "shapes": dict(sorted(shapes.items())),
+            }
+            final = self.store.commit(step, files, meta)
+            for s in self.store.prune(self.cfg.keep_last, self.cfg.keep_every_steps):
+                log.info(f"deleted old checkpoint step {s}")
+            return str(final), None
+        except Exception as e:
+            return None, f"rank 0: {e}"
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def _precheck(self, path: Path) -> dict[str, Any]:
+        """meta.json parses and every listed file exists with its size (stat only; collective).
+        This catches torn and partial checkpoints before any rank starts loading."""
+        meta, err = None, None
+        try:
+            meta = read_meta(path)
+            for name, rec in file_records(meta).items():
+                f = path / name
+                if not f.is_file() or f.stat().st_size != rec.bytes:
+                    raise CheckpointError(f"{f} is missing or has the wrong size")
+        except CheckpointError as e:
+            err = str(e)
+        errors = _all_errors(err)
+        if errors:
+            raise CheckpointError(errors[0])
+        return meta  # type: ignore[return-value]
+
+    def _load_verified(self, path: Path, meta: dict[str, Any]) -> None:
+        """Load while a second thread checks the sha256 of this rank's share of the files (the
+        ranks split them); if any rank finds a mismatch, every rank raises and the caller loads
+        an older checkpoint, which overwrites everything loaded here."""
+        records = file_records(meta)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = sorted(records)[self.t.rank :: world]
+        box: dict[str, str] = {}
+
+        def check() -> None:
+            try:
+                verify_files(path, records, mine)
+            except CheckpointError as e:
+                box["err"] = str(e)
+
+        checker = threading.Thread(target=check, daemon=True)
+        checker.start()
+        err = None
+        try:
+            self._load(path, meta)
+        except CheckpointError as e:
+            err = str(e)
+        finally:
+            checker.join()
+        errors = _all_errors(err or box.get("err"))
+        if errors:
+            raise CheckpointError(errors[0])
+        # Only now (verified on every rank) move the data stream: a fallback must not skip twice.
+        self._restore_data(self._pending_data, self._pending_step)
+        self.t.step = self._pending_step
+        log.info(self._pending_message)
+
+    def resume(self) -> Path | None:
+        choice = self.cfg.resume
+        if choice == "none":
+            return None
+        explicit = choice != "auto"
+        candidates = (
+            [Path(choice)] if explicit else [self.store.path(s) for s in self.store.steps()]
+        )
+        if not candidates:
+            log.info(f"no checkpoint in {self.store.root}: starting from step 0")
+            return None
+        for path in candidates:
+            try:
+                self._load_verified(path, self._precheck(path))
+            except CheckpointError as e:
+                if explicit:
+                    raise
+                log.warning(f"skipping checkpoint {path}: {e}")
+                continue
+            return path
+        if self.t.step:
+            raise CheckpointError("no complete checkpoint to fall back to after a failed load")
+        log.warning(f"no complete checkpoint in {self.store.root}: starting from step 0")
+        return None
+
+    def _load(self, path: Path, meta: dict[str, Any]) -> None:
+        t = self.t
+        records = file_records(meta)
+        state = read_json(path / "trainer.json", records["trainer.json"])
+        saved_fp, fp = meta.get("tokenizer_fingerprint"), self._tokenizer_fingerprint()
+        if saved_fp and fp and saved_fp != fp:
+            raise CheckpointError(
+                f"{path}: tokenizer fingerprint {saved_fp[:12]}… != this run's {fp[:12]}…"
+            )
+        load_weights(t.engine, t.factory, path, meta["tensors"], optimizer=True)
+        runstate.set_optimizer_state(t.engine, state["optimizer"], t.layout.grad_accum_steps)
+        same = {k: v for k, v in meta["layout"].items() if "degree" in k or k == "world_size"}
+        now = {k: v for k, v in self._layout().items() if k in same}
+        rng_file = path / f"rng-r{t.rank:05d}.safetensors"
+        if same == now and rng_file.is_file():
+            with safe_open(str(rng_file), framework="pt", device="cpu") as f:
+                names = f.keys()  # safe_open is not iterable
+                runstate.set_rng_state({k: f.get_tensor(k) for k in names}, f.metadata())
+        else:
+            runstate.reseed(t.cfg.runtime.seed, state["step"], t.rank)
+        self._pending_step, t.tokens_seen = state["step"], state["tokens_seen"]
+        self.health.load_state_dict(state["health"])
+        self._pending_data = state["data"]
+        self.last_saved_step, self.loaded_from = state["step"], path
+        how = "same layout" if same == now else f"saved at {same}, now {now}"
+        self._pending_message = f"resumed from checkpoint {path} (step {state['step']}, {how})"
+
+    def _restore_data(self, data_state: dict[str, Any] | None, step: int) -> None:
+        t = self.t
+        if data_state is not None and hasattr(t.train_loader, "load_state_dict"):
+            t.train_loader.load_state_dict(data_state)
+            return
+        # A data source without state (tests' synthetic streams): skip the micro batches of the
+        # steps already taken. Sources that slice global batches by DP rank stay exact at any DP.
+        for _ in range(step * t.layout.grad_accum_steps):
+            next(t.train_iter)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
