@@ -33,11 +33,14 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 test: setup lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 bench: setup
 	$(BIN)/python tools/bench/loader.py
 	$(BIN)/python tools/bench/preprocess.py
+	$(BIN)/python tools/bench/step_overhead.py
+	$(BIN)/python tools/bench/pipeline.py
+	$(BIN)/python tools/bench/checkpoint.py
 
 clean:
 	rm -rf runs .cache build
