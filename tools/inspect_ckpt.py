@@ -5,7 +5,7 @@
     python tools/inspect_ckpt.py CKPT --against OTHER_CKPT_OR_CONFIG.yaml [--verify]
 
 Reads only meta.json, trainer.json and config.yaml (JSON and YAML: nothing is unpickled);
---verify also checks every file's sha256 against meta.json.
+--verify also checks every file's CRC-32 against meta.json.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint dir, or a checkpoints dir")
     parser.add_argument("--against", type=Path, help="another checkpoint (dir) or a config YAML")
-    parser.add_argument("--verify", action="store_true", help="check every file's sha256")
+    parser.add_argument("--verify", action="store_true", help="check every file's CRC-32")
     args = parser.parse_args(argv)
     try:
         ckpt = resolve(args.checkpoint)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             verify(ckpt)
         print("\n".join(summary(ckpt)))
         if args.verify:
-            print("verified       every file matches its sha256")
+            print("verified       every file matches its CRC-32")
         if args.against:
             diff = config_diff(config_of(ckpt), config_of(args.against))
             print(

@@ -59,7 +59,7 @@ def test_summary_and_config_difference(checkpoint, tmp_path):
     assert "tokens seen    192" in text  # 3 steps x 4 sequences x 16 tokens
     assert f"parameters     {params:,}" in text
     assert "TP1 x PP1 x DP1 (world 1)" in text
-    assert "every file matches its sha256" in text
+    assert "every file matches its CRC-32" in text
     assert "optim.lr: 0.0003 -> 0.5" in text
     assert "parallel.zero_stage: 1 -> 2" in text
 

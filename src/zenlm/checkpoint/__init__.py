@@ -1,6 +1,6 @@
 """Atomic, layout-independent checkpoints (safetensors + JSON); see docs/checkpoints.md.
 
-io.py        write + fsync + sha256 in one pass; verified reads; never unpickles
+io.py        write + fsync + CRC-32 in one pass; verified reads; never unpickles
 store.py     the directory: temp dir, meta.json last, rename, `latest`, retention, discovery
 tensors.py   full fp32 weights and AdamW moments out of / into DeepSpeed (ZeRO 0-3, PP, TP)
 weights.py   which rank writes which tensors; load into any layout

@@ -1,4 +1,9 @@
-"""Durable file I/O for checkpoints: write + fsync + sha256 in one pass, verified reads.
+"""Durable file I/O for checkpoints: write + fsync + CRC-32 in one pass, verified reads.
+
+Checksums are CRC-32 (zlib): their job is to catch torn, truncated or bit-flipped files before
+a resume trusts them, not to resist tampering (nothing loaded can run code either way). sha256
+ran at ~1 GB/s on one core, which made a verified resume CPU-bound: 0.38 of raw read speed on
+the 2-core VM against 0.58 without any check; CRC-32 runs at ~1.9 GB/s and releases the GIL.
 
 Nothing here unpickles: tensors go through safetensors (a JSON header plus raw bytes), everything
 else is JSON. `safe_torch_load` exists only for foreign .pt/.bin files and always passes
@@ -8,10 +13,10 @@ weights_only=True, so a planted pickle cannot run code.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import struct
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,8 +37,22 @@ class CheckpointError(RuntimeError):
 class FileRecord:
     """What meta.json records about every file of a checkpoint."""
 
-    sha256: str
+    crc32: str
+    """CRC-32 of the whole file, 8 lowercase hex digits."""
     bytes: int
+
+
+class Crc32:
+    """hashlib-style accumulator over zlib.crc32 (which releases the GIL on large buffers)."""
+
+    def __init__(self, data: bytes | memoryview = b"") -> None:
+        self.value = zlib.crc32(data)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,13 +65,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def _write_chunks(path: Path, chunks: Iterable[memoryview]) -> FileRecord:
-    """Write, flush, fsync; return the sha256 of exactly what was written.
+    """Write, flush, fsync; return the CRC-32 of exactly what was written.
 
-    Hashing runs on a second thread, one piece behind the writes (hashlib and write() both
+    Checksumming runs on a second thread, one piece behind the writes (zlib.crc32 and write() both
     release the GIL), so the checksum costs little wall time. ENOSPC / EDQUOT become a
     CheckpointError that says the disk is full; the partial file is removed.
     """
-    h = hashlib.sha256()
+    h = Crc32()
     size = 0
     try:
         with open(path, "wb") as f, ThreadPoolExecutor(1) as hasher:
@@ -132,7 +151,7 @@ def write_json(path: Path, obj: Any) -> FileRecord:
 
 
 def read_verified(path: Path, record: FileRecord | None) -> bytes:
-    """The file's bytes, checked against its record (size and sha256) when one is given."""
+    """The file's bytes, checked against its record (size and CRC-32) when one is given."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -140,11 +159,9 @@ def read_verified(path: Path, record: FileRecord | None) -> bytes:
     if record is not None:
         if len(data) != record.bytes:
             raise CheckpointError(f"{path}: {len(data)} bytes, meta.json says {record.bytes}")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != record.sha256:
-            raise CheckpointError(
-                f"{path}: sha256 {digest[:12]}… != meta.json {record.sha256[:12]}…"
-            )
+        digest = Crc32(data).hexdigest()
+        if digest != record.crc32:
+            raise CheckpointError(f"{path}: CRC-32 {digest} != meta.json {record.crc32}")
     return data
 
 
@@ -166,8 +183,8 @@ def read_json(path: Path, record: FileRecord | None = None) -> Any:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
-def file_sha256(path: Path) -> FileRecord:
-    h = hashlib.sha256()
+def file_checksum(path: Path) -> FileRecord:
+    h = Crc32()
     size = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_CHUNK), b""):

