@@ -146,8 +146,12 @@ class MegatronFactory:
     def row_linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         if bias and self.sequence_parallel:
             # Its gradient would be a per-shard partial sum (megatron reduces it in
-            # finalize_model_grads); no Llama-family model has one.
-            raise NotImplementedError("row-parallel bias with sequence parallelism")
+            # finalize_model_grads); no Llama-family model has one, so refuse the combination.
+            raise ValueError(
+                "a bias on a row-parallel projection (o_proj / down_proj) is not supported with "
+                "parallel.sequence_parallel_enabled: its gradient would be a per-sequence-shard "
+                "partial sum; disable sequence parallelism or the bias"
+            )
         module = RowLinear(
             in_features,
             out_features,
