@@ -6,6 +6,7 @@ pipeline stage, but every rank must take the same branch or the next collective 
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import threading
@@ -80,6 +81,9 @@ def guard_plain_optimizer(engine: Any) -> None:
         return
     step = opt.step
 
+    # functools.wraps keeps the LR scheduler's marker on the step it tracks (guarded_step still
+    # calls it), so LambdaLR does not warn that the step was replaced after it was built.
+    @functools.wraps(step)
     def guarded_step(closure: Any = None) -> Any:
         bad = any(
             p.grad is not None and not bool(torch.isfinite(p.grad).all())
