@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zenlm.data.readers import BadInputError
+from zenlm.data.readers import BadInputError, add_input_arguments
 from zenlm.data.writer import preprocess_corpus
 
 
@@ -19,7 +19,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("inputs", nargs="+", help="text, .jsonl/.json/.ndjson files, optionally .gz")
+    add_input_arguments(p)
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--out", required=True, help="corpus directory")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sample seen by the model")
@@ -29,13 +29,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="fraction of documents (by hash) that go to the valid split",
-    )
-    p.add_argument("--text-field", default="text", help="JSONL field holding the document text")
-    p.add_argument(
-        "--text-mode",
-        choices=("file", "line"),
-        default="file",
-        help="plain text: one document per file, or one per non-empty line",
     )
     p.add_argument(
         "--workers", type=int, default=None, help="encoder processes (default: all cores)"
@@ -47,13 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="token dtype (default: uint16 when the vocabulary fits)",
     )
-    p.add_argument(
-        "--max-bad-fraction",
-        type=float,
-        default=0.01,
-        help="fail when more than this fraction of a file's records are bad",
-    )
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 

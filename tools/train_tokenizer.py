@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zenlm.data.readers import add_input_arguments
 from zenlm.data.tokenizer import round_vocab_size, train_tokenizer
 
 
@@ -18,17 +19,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("inputs", nargs="+", help="text, .jsonl/.json/.ndjson files, optionally .gz")
+    add_input_arguments(p)
     p.add_argument("--out", required=True, help="path of the .model file to write")
     p.add_argument("--vocab-size", type=int, required=True, help="rounded up to a multiple of 128")
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the document text")
-    p.add_argument(
-        "--text-mode",
-        choices=("file", "line"),
-        default="file",
-        help="plain text: one document per file, or one per non-empty line",
-    )
     p.add_argument(
         "--max-sentences",
         type=int,
@@ -36,14 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sample this many training sentences (0: use all)",
     )
     p.add_argument("--character-coverage", type=float, default=0.9995)
-    p.add_argument(
-        "--max-bad-fraction",
-        type=float,
-        default=0.01,
-        help="fail when more than this fraction of a file's records are bad",
-    )
     p.add_argument("--threads", type=int, default=None, help="trainer threads (default: all cores)")
-    p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 

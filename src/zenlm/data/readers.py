@@ -11,6 +11,7 @@ or non-string field) is skipped and counted per file; when a file's bad fraction
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -146,3 +147,26 @@ class DocumentReader:
             yield text
         else:
             stats.empty += 1
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The input options shared by tools/train_tokenizer.py and tools/preprocess.py."""
+    parser.add_argument(
+        "inputs", nargs="+", help="text, .jsonl/.json/.ndjson files, optionally .gz"
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="JSONL field holding the document text"
+    )
+    parser.add_argument(
+        "--text-mode",
+        choices=("file", "line"),
+        default="file",
+        help="plain text: one document per file, or one per non-empty line",
+    )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="fail when more than this fraction of a file's records are bad",
+    )
+    parser.add_argument("--no-progress", action="store_true")

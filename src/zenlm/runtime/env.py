@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from datetime import timedelta
 
 import numpy as np
@@ -11,8 +12,11 @@ import torch
 import torch.distributed as dist
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for single-node rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
@@ -30,8 +34,6 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            from zenlm.testing.distributed import free_port
-
             os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(

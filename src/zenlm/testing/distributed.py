@@ -12,7 +12,6 @@ killed after `timeout_s` and fails the call.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,15 +20,11 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from zenlm.runtime.env import free_port  # re-exported for tests
+
 
 class DistributedTestError(RuntimeError):
     """A rank failed or timed out."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(

@@ -10,7 +10,6 @@ The order matters and is fixed here (it was measured, see notes/stack-probe.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -93,18 +92,3 @@ def model_inputs(
     if device is not None:
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
     return inputs
-
-
-def synthetic_batches(
-    vocab_size: int, seq_len: int, micro_batch_size: int, seed: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless random token batches (for tests and benchmarks that need no corpus)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        tokens = torch.randint(0, vocab_size, (micro_batch_size, seq_len + 1), generator=g)
-        yield {
-            "input_ids": tokens[:, :-1].contiguous(),
-            "labels": tokens[:, 1:].contiguous(),
-            "position_ids": torch.arange(seq_len).expand(micro_batch_size, seq_len),
-            "doc_ids": torch.zeros(micro_batch_size, seq_len, dtype=torch.int32),
-        }
