@@ -38,6 +38,13 @@ def _tied_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
     return embedding.logits(hidden)
 
 
+def _contiguous(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Stage outputs as contiguous tensors: DeepSpeed sends them with torch.distributed's
+    point-to-point calls, which refuse views. The Embedding's default position_ids are an
+    expanded (stride-0) arange, contiguous only when the micro batch holds one sequence."""
+    return tuple(t.contiguous() for t in outputs)
+
+
 class PipelineLoss:
     """loss_fn of the PipelineModule: mean next-token loss (training) or, with `stats` set,
     the (loss sum, correct, counted) fp64 vector of a validation micro batch."""
@@ -63,6 +70,7 @@ def layer_specs(cfg: RunConfig, factory: LayerFactory) -> list[Any]:
         specs.append(TiedLayerSpec(TIED_KEY, Embedding, m, factory, tied_weight_attr="weight"))
     else:
         specs.append(LayerSpec(Embedding, m, factory))
+    specs.append(_contiguous)  # a parameter-free step on the embedding's stage
     specs += [LayerSpec(Block, m, factory, i) for i in range(m.num_layers)]
     specs.append(LayerSpec(OutputHead, m, factory))
     if m.tie_word_embeddings:

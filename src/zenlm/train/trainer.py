@@ -171,6 +171,10 @@ class Trainer:
         batches = [pipeline_batch(b, masking) for b in self.valid_data]
         loss_fn = self.engine.module.loss_fn
         loss_fn.stats = True
+        # DeepSpeed keeps the last train_batch's scalar total_loss and adds each eval micro
+        # batch's output to it (eval_batch never resets it): start from None so the (3,) stats
+        # do not meet a () tensor.
+        self.engine.total_loss = None
         outputs = self.engine.eval_batch(
             iter(batches),
             compute_loss=True,
@@ -179,6 +183,7 @@ class Trainer:
             num_micro_batches=len(batches),
         )
         loss_fn.stats = False
+        self.engine.total_loss = None
         self.engine.train()
         totals = torch.zeros(3, dtype=torch.float64)
         if self.engine.is_last_stage():
