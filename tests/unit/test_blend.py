@@ -86,17 +86,45 @@ def test_blended_resume_at_other_dp(corpora):
 def test_valid_loader_is_deterministic_and_split(corpora, workers):
     paths, _ = corpora
     spec = list(zip(paths, WEIGHTS))
-    single = build_valid_loader(spec, SEQ, 4, 0, 1, num_micro_batches=6)
+    single = build_valid_loader(spec, SEQ, 4, 0, 1, num_samples=24)
     whole = np.concatenate([sample_identity(b["input_ids"]) for b in single])
     assert np.all(whole[:, 2] == 1)  # only valid-split samples
     assert set(whole[:, 1].tolist()) == {0, 1, 2}  # every corpus is evaluated
-    ranks = [build_valid_loader(spec, SEQ, 2, r, 2, 6, num_workers=workers) for r in range(2)]
+    ranks = [build_valid_loader(spec, SEQ, 2, r, 2, 24, num_workers=workers) for r in range(2)]
     passes = [[sample_identity(b["input_ids"]) for b in v] for v in ranks]
     assert all(len(p) == 6 for p in passes) and len(ranks[0]) == 6
-    # Micro step t: rank 0's 2 samples then rank 1's; 12 global micro steps of 2 = 24 samples.
+    # Micro step t: rank 0's 2 samples then rank 1's; 6 global micro steps of 4 = 24 samples.
     merged = np.concatenate([np.concatenate([passes[0][t], passes[1][t]]) for t in range(6)])
-    expect = build_valid_loader(spec, SEQ, 24, 0, 1, 1)
+    expect = build_valid_loader(spec, SEQ, 24, 0, 1, 24)
     np.testing.assert_array_equal(merged, sample_identity(next(iter(expect))["input_ids"]))
     again = [[sample_identity(b["input_ids"]) for b in v] for v in ranks]  # restartable
     np.testing.assert_array_equal(np.stack(passes[1]), np.stack(again[1]))
-    assert single.num_micro_batches == 6 and whole.shape == (24, 3)
+    assert len(single) == 6 and whole.shape == (24, 3)
+
+
+@pytest.mark.parametrize(("micro", "dp"), [(1, 1), (4, 1), (3, 2), (2, 4), (5, 3)])
+def test_valid_set_is_the_same_samples_at_every_layout(corpora, micro, dp):
+    """num_samples counts samples, not micro batches: at every (micro batch, DP) the labelled
+    rows are exactly global indices [0, 21), each once; the ragged tail is label-masked."""
+    from zenlm.data.loader import IGNORE_INDEX
+    from zenlm.model.factory import IGNORE_INDEX as MODEL_IGNORE_INDEX
+
+    assert IGNORE_INDEX == MODEL_IGNORE_INDEX
+    paths, _ = corpora
+    spec = list(zip(paths, WEIGHTS))
+    n = 21
+    (reference,) = build_valid_loader(spec, SEQ, n, 0, 1, n)
+    ranks = [build_valid_loader(spec, SEQ, micro, r, dp, n) for r in range(dp)]
+    assert len({len(v) for v in ranks}) == 1  # every rank runs the same number of batches
+    counted, masked_tokens = [], 0
+    for v in ranks:
+        for b in v:
+            keep = (b["labels"] != IGNORE_INDEX).all(dim=1)
+            assert bool(((b["labels"] == IGNORE_INDEX).all(dim=1) | keep).all())
+            counted.append(b["input_ids"][keep])
+            masked_tokens += int((~keep).sum()) * SEQ
+    got = np.concatenate([sample_identity(x) for x in counted])
+    want = sample_identity(reference["input_ids"])
+    order = np.lexsort(got.T[::-1])
+    np.testing.assert_array_equal(got[order], want[np.lexsort(want.T[::-1])])
+    assert masked_tokens == (len(ranks[0]) * micro * dp - n) * SEQ

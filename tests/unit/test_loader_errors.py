@@ -115,7 +115,7 @@ def test_missing_manifest_and_split(corpus, tmp_path):
     from zenlm.data import build_valid_loader
 
     with pytest.raises(CorpusError, match="no 'valid' samples"):
-        build_valid_loader([(corpus, 1.0)], SEQ, 5, 0, 1, 2)
+        build_valid_loader([(corpus, 1.0)], SEQ, 5, 0, 1, num_samples=2)
 
 
 def test_fast_index_equals_tarfile_index(corpus):

@@ -126,8 +126,10 @@ class LoggingConfig:
     """Write TensorBoard events under <run>/tb on rank 0."""
     eval_interval_steps: int = 50
     """Steps between validation passes; 0 disables validation."""
-    eval_batches: int = 4
-    """Micro batches per rank in one validation pass."""
+    eval_samples: int = 64
+    """Sequences in one validation pass: the first N of the corpora's blended 'valid' stream in
+    natural order, split across data-parallel ranks. The same set at every layout, so the same
+    weights give the same val/loss at any TP x PP x DP (sums are reduced, not means)."""
     peak_tflops_per_device: float = 0.0
     """Dense peak of one accelerator for MFU (e.g. 989 for H100/H200 bf16); 0 = detect on CUDA."""
 

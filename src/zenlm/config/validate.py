@@ -77,6 +77,15 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
             "pipeline engine supports ZeRO stage 0 or 1 only (stages 2/3 partition gradients or "
             "parameters, which its 1F1B schedule does not handle); use zero_stage=1"
         )
+    if cfg.runtime.precision == "bf16" and p.zero_stage == 0:
+        # DeepSpeed keeps fp32 master weights and fp32 gradient accumulation for bf16 only in
+        # its ZeRO optimizers; at stage 0 it refuses the mix ("unsupported mix of model_dtype
+        # and grad_accum_dtype") or would accumulate in bf16.
+        raise ConfigError(
+            "runtime.precision=bf16 needs parallel.zero_stage >= 1 (fp32 master weights and "
+            "fp32 gradient accumulation live in DeepSpeed's ZeRO optimizer; at data-parallel "
+            "degree 1, stage 1 partitions nothing); set parallel.zero_stage=1"
+        )
     if p.sequence_parallel_enabled and tp == 1:
         raise ConfigError("parallel.sequence_parallel_enabled needs tensor_parallel_degree > 1")
     if p.sequence_parallel_enabled and cfg.data.seq_len_tokens % tp:

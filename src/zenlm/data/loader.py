@@ -26,6 +26,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from zenlm.data.sources import SampleSource, open_corpora
 
+# Labels equal to this count in no loss or accuracy (torch's cross-entropy default; the same
+# constant as zenlm.model.factory.IGNORE_INDEX, asserted by tests/unit/test_loader.py).
+IGNORE_INDEX = -100
+
 STATE_VERSION = 1
 
 
@@ -59,7 +63,12 @@ class _ValidLayout:
 
 
 class _MicroBatchStream(IterableDataset):
-    """Yields micro batches t = start, start+1, ... (< stop) of one rank; workers take every W-th."""
+    """Yields micro batches t = start, start+1, ... (< stop) of one rank; workers take every W-th.
+
+    With `index_limit` set, rows whose global index is >= index_limit keep their tokens but get
+    every label set to IGNORE_INDEX: they count in no loss, accuracy or token total. Validation
+    uses it so a fixed sample count needs no divisibility by micro batch x DP.
+    """
 
     def __init__(
         self,
@@ -67,8 +76,10 @@ class _MicroBatchStream(IterableDataset):
         first_index: Callable[[int], tuple[int, int]],
         start: int,
         stop: int | None,
+        index_limit: int | None = None,
     ) -> None:
         self.source, self.first_index, self.start, self.stop = source, first_index, start, stop
+        self.index_limit = index_limit
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -76,7 +87,10 @@ class _MicroBatchStream(IterableDataset):
         t = self.start + w
         while self.stop is None or t < self.stop:
             g, count = self.first_index(t)
-            yield self.source.read(g, count)
+            batch = self.source.read(g, count)
+            if self.index_limit is not None and g + count > self.index_limit:
+                batch["labels"][max(self.index_limit - g, 0) :] = IGNORE_INDEX
+            yield batch
             t += W
 
 
@@ -220,11 +234,15 @@ class TrainLoader:
 
 
 class ValidLoader:
-    """A fixed validation pass: `num_micro_batches` micro batches per rank, same every pass.
+    """A fixed validation pass over the first `num_samples` global indices of the valid stream.
 
     The valid splits are read in natural order (not shuffled), blended by the training weights,
-    wrapping around if the pass is longer than the data. Global micro step t covers global
-    indices t*mbs*D + [0, mbs*D); rank r takes the r-th mbs of it.
+    wrapping around if num_samples exceeds the data. Global micro step t covers global indices
+    t*mbs*D + [0, mbs*D); rank r takes the r-th mbs of it. Every rank runs the same number of
+    micro batches, ceil(num_samples / (mbs*D)) (collectives and the pipeline schedule need
+    that); rows past num_samples in the last step are read but fully label-masked. So the set of
+    counted samples is [0, num_samples) at every DP size and micro batch size, and summed
+    (loss, correct, tokens) give the same validation numbers at every layout.
     """
 
     def __init__(
@@ -233,22 +251,29 @@ class ValidLoader:
         micro_batch_size: int,
         dp_rank: int,
         dp_size: int,
-        num_micro_batches: int,
+        num_samples: int,
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        if num_samples < 1 or micro_batch_size < 1:
+            raise ValueError(
+                f"validation needs num_samples >= 1 and micro_batch_size >= 1, "
+                f"got {num_samples} and {micro_batch_size}"
+            )
         self.source, self.micro_batch_size = source, micro_batch_size
-        self.dp_rank, self.dp_size, self.num_micro_batches = dp_rank, dp_size, num_micro_batches
+        self.dp_rank, self.dp_size, self.num_samples = dp_rank, dp_size, num_samples
         self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def __len__(self) -> int:
-        return self.num_micro_batches
+        """Micro batches per rank per pass (the same on every rank)."""
+        per_step = self.micro_batch_size * self.dp_size
+        return -(-self.num_samples // per_step)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         layout = _ValidLayout(self.micro_batch_size, self.dp_rank, self.dp_size)
-        stream = _MicroBatchStream(self.source, layout, 0, self.num_micro_batches)
+        stream = _MicroBatchStream(self.source, layout, 0, len(self), self.num_samples)
         return _batches(_data_loader(stream, self.num_workers, self.pin_memory))
 
 
@@ -280,7 +305,7 @@ def build_valid_loader(
     micro_batch_size: int,
     dp_rank: int,
     dp_size: int,
-    num_micro_batches: int,
+    num_samples: int,
     num_workers: int = 0,
     expected_tokenizer_fingerprint: str | None = None,
     verify_checksums: bool = False,
@@ -291,5 +316,5 @@ def build_valid_loader(
     opened = open_corpora(paths, "valid", seq_len, expected_tokenizer_fingerprint, 0, False)
     source = SampleSource(opened, weights, verify_checksums)
     return ValidLoader(
-        source, micro_batch_size, dp_rank, dp_size, num_micro_batches, num_workers, pin_memory
+        source, micro_batch_size, dp_rank, dp_size, num_samples, num_workers, pin_memory
     )

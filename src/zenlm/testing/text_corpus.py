@@ -47,7 +47,8 @@ class TextCorpus:
 
 
 def write_text(path: Path, num_docs: int, seed: int = 0) -> Path:
-    """JSONL with a "text" field: num_docs documents of 1-12 sentences each."""
+    """JSONL with a "text" field: num_docs documents of 1-4 sentences (about 40 tokens each, so
+    most 32-token samples hold a document boundary)."""
     rng = np.random.default_rng(seed)
     syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qu", "do"]
     words = sorted({"".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(400)})
@@ -58,7 +59,7 @@ def write_text(path: Path, num_docs: int, seed: int = 0) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(num_docs):
             sentences = []
-            for _ in range(int(rng.integers(1, 13))):
+            for _ in range(int(rng.integers(1, 5))):
                 w = int(rng.integers(0, n))
                 out = [words[w]]
                 for _ in range(int(rng.integers(3, 12))):
@@ -85,7 +86,7 @@ def _run_tool(script: str, args: list[str]) -> str:
 
 def build_text_corpus(
     out_dir: str | os.PathLike,
-    num_docs: int = 1500,
+    num_docs: int = 4000,
     seq_len: int = SEQ_LEN,
     vocab_size: int = VOCAB_SIZE,
     shard_size_mb: float = 0.25,
@@ -102,13 +103,25 @@ def build_text_corpus(
     if not tokenizer.exists():
         _run_tool(
             "train_tokenizer.py",
-            [str(text), "--text-field", "text", "--vocab-size", str(vocab_size)]
-            + ["--out", str(tokenizer), "--threads", "1", "--no-progress"],
+            [
+                *(str(text), "--text-field", "text", "--vocab-size", str(vocab_size)),
+                *("--out", str(tokenizer), "--threads", "1", "--no-progress"),
+            ],
         )
     _run_tool(
         "preprocess.py",
-        [str(text), "--text-field", "text", "--tokenizer", str(tokenizer), "--out", str(corpus)]
-        + ["--seq-len", str(seq_len), "--shard-size-mb", str(shard_size_mb)]
-        + ["--valid-fraction", str(valid_fraction), "--workers", "1", "--no-progress"],
+        [
+            *(
+                str(text),
+                "--text-field",
+                "text",
+                "--tokenizer",
+                str(tokenizer),
+                "--out",
+                str(corpus),
+            ),
+            *("--seq-len", str(seq_len), "--shard-size-mb", str(shard_size_mb)),
+            *("--valid-fraction", str(valid_fraction), "--workers", "1", "--no-progress"),
+        ],
     )
     return TextCorpus(tokenizer, corpus, vocab_size, seq_len)

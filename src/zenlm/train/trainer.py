@@ -113,7 +113,9 @@ class Trainer:
             num_workers=d.num_workers,
             seed=d.seed,
         )
-        valid = build_valid_loader(**common, num_micro_batches=self.cfg.logging.eval_batches)
+        valid = build_valid_loader(
+            **common, num_samples=self.cfg.logging.eval_samples, num_workers=d.num_workers
+        )
         return train, valid
 
     # -- one optimizer step ------------------------------------------------------------------
