@@ -108,22 +108,34 @@ def optimizer_state(engine: Any) -> dict[str, Any]:
     return out
 
 
+def _per_group(values: list[float], num_groups: int, what: str) -> list[float]:
+    """Saved per-group values for this optimizer's groups. Every group follows one schedule
+    from one base lr, so the counts may differ across layouts (a pipeline stage holding only
+    no-decay parameters has one group) provided the saved values agree."""
+    values = list(values)
+    if len(values) == num_groups or not values:
+        return values
+    if len(set(values)) != 1:
+        raise ValueError(
+            f"{num_groups} optimizer groups, checkpoint has {len(values)} with different {what} "
+            f"{values}"
+        )
+    return values[:1] * num_groups
+
+
 def set_optimizer_state(engine: Any, state: dict[str, Any], grad_accum_steps: int) -> None:
     set_adam_step(engine, int(state["adam_step"]))
     groups = torch_optimizer(engine).param_groups
-    if len(groups) != len(state["group_lrs"]):
-        raise ValueError(
-            f"{len(groups)} optimizer groups, checkpoint has {len(state['group_lrs'])}"
-        )
-    for g, lr in zip(groups, state["group_lrs"], strict=True):
+    saved = _per_group(state["group_lrs"], len(groups), "learning rates")
+    for g, lr in zip(groups, saved, strict=True):
         g["lr"] = lr
     s = state["scheduler"]
     if s is not None and engine.lr_scheduler is not None:
         sched = engine.lr_scheduler
         sched.last_epoch = s["last_epoch"]
         sched._step_count = s["_step_count"]
-        sched.base_lrs = list(s["base_lrs"])
-        sched._last_lr = list(s["_last_lr"])
+        sched.base_lrs = _per_group(s["base_lrs"], len(groups), "base lrs")
+        sched._last_lr = _per_group(s["_last_lr"], len(groups), "last lrs")
     for k, v in state["engine"].items():
         setattr(engine, k, v)
     # Micro steps are per rank: at another DP size the same global step has another count.

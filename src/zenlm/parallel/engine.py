@@ -72,10 +72,14 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if _no_decay(name, p) else decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # A pipeline stage can hold only no-decay parameters (a parameter split may leave the
+    # embedding alone on stage 0). DeepSpeed drops empty groups after LambdaLR has counted
+    # them, and the scheduler's first step then fails on the mismatch: build none.
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
