@@ -53,6 +53,32 @@ def _check_model(cfg: RunConfig, tp: int, pp: int) -> None:
         )
 
 
+_HALF = ("bf16", "fp16")
+
+
+def check_precision_supported(precision: str) -> None:
+    """Refuse a half precision this process's device cannot run, naming the device and the fix.
+
+    Asks DeepSpeed's accelerator (the one its engine will use, so the answer matches the engine's
+    own sanity check at initialize): CPUs report fp16 only with mkldnn fp16 support (AVX512-FP16
+    / AMX-FP16), CUDA GPUs from compute capability 7.0. fp32 is always supported and costs no
+    DeepSpeed import.
+    """
+    if precision not in _HALF:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = {"bf16": bool(acc.is_bf16_supported()), "fp16": bool(acc.is_fp16_supported())}
+    if supported[precision]:
+        return
+    instead = [p for p in _HALF if p != precision and supported[p]] + ["fp32"]
+    raise ConfigError(
+        f"runtime.precision={precision} is not supported on this device ({acc.device_name()}: "
+        f"DeepSpeed's accelerator reports no {precision} support); use {' or '.join(instead)}"
+    )
+
+
 def validate(cfg: RunConfig, world_size: int) -> Layout:
     """Check every cross-section constraint; return the derived Layout."""
     p = cfg.parallel
@@ -123,6 +149,7 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
         raise ConfigError(
             f"optim.warmup_steps ({o.warmup_steps}) exceeds optim.train_steps ({o.train_steps})"
         )
+    check_precision_supported(cfg.runtime.precision)
     return Layout(
         world_size=world_size,
         tensor_parallel_degree=tp,
