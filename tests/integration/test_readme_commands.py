@@ -28,7 +28,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import math
-import os
 import re
 import shlex
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from zenlm.testing.distributed import cpu_env
 from zenlm.testing.text_corpus import write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +146,8 @@ def as_run(tokens: list[str], cwd: Path, replace: dict[str, str] | None = None) 
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 300) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # CPU ranks wherever the processes outnumber the visible GPUs (one-GPU workstations).
+    env = {**cpu_env(8), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )  # fmt: skip

@@ -113,6 +113,8 @@ class Trainer:
             num_workers=d.num_workers,
             seed=d.seed,
         )
+        if not self.cfg.logging.eval_interval_steps:
+            return train, None  # validation off: the corpora need no 'valid' split
         valid = build_valid_loader(
             **common, num_samples=self.cfg.logging.eval_samples, num_workers=d.num_workers
         )
