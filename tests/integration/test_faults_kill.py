@@ -4,7 +4,8 @@ resumes from the newest complete checkpoint.
 Ranks are started the way srun starts them (one `python launch/train.py` per rank with RANK,
 WORLD_SIZE, MASTER_ADDR/PORT set), not by torchrun, so no launcher kills the survivor for us:
 the survivor must notice by itself (gloo reports the closed connection in its next collective;
-runtime.dist_timeout_s bounds anything that would otherwise wait).
+runtime.dist_timeout_s bounds anything that would otherwise wait). The corpus is written from
+text by tools/train_tokenizer.py and tools/preprocess.py (zenlm.testing.text_corpus).
 """
 
 import os
@@ -15,8 +16,8 @@ import time
 from pathlib import Path
 
 from zenlm.checkpoint import CheckpointStore, newest_valid
-from zenlm.testing.corpus import write_corpus
 from zenlm.testing.distributed import free_port
+from zenlm.testing.text_corpus import build_text_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,12 +58,10 @@ def _wait_for(predicate, timeout_s, what):
 
 
 def test_kill_one_rank_then_relaunch_resumes(tmp_path):
-    corpus = tmp_path / "corpus"
-    write_corpus(corpus, train_shards=[64, 64], valid_shards=[8], seq_len=16, vocab_size=512)
+    corpus = build_text_corpus(tmp_path / "data")  # text -> train_tokenizer.py -> preprocess.py
     run_dir, ckpt = tmp_path / "runs", tmp_path / "runs" / "kill" / "checkpoints"
     common = [
-        f"data.corpora=[{{path: {corpus}}}]",
-        "data.seq_len_tokens=16",
+        *corpus.overrides(),
         "data.global_batch_size_seqs=4",
         "data.micro_batch_size_seqs=1",
         "logging.eval_interval_steps=0",
