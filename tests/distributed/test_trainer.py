@@ -120,7 +120,15 @@ def _require(results, precision):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs")
-    (out,) = run_distributed(_worker, 1, args=(str(run_dir),), timeout_s=900)
+    # The 100-step bf16 bounds below were measured on oneDNN's AVX-512 bf16 path (bf16 inputs
+    # converted, fp32 FMAs). On CPUs with native bf16 dot products (AVX512_BF16 / AMX, e.g. this
+    # project's AMD EPYC CI machines) oneDNN picks kernels that round differently, the 100-step
+    # trajectory drifts further (windows 71-90 at 1.05e-2) while the 10-step bf16 check of the
+    # layout matrix stays at 1.3e-4 of fp32. Pin the kernel family so this long-horizon
+    # tracking test measures the same arithmetic on every machine (a no-op on CPUs without it).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+        (out,) = run_distributed(_worker, 1, args=(str(run_dir),), timeout_s=900)
     out["run_dir"] = run_dir
     return out
 

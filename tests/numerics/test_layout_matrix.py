@@ -27,7 +27,8 @@ Which cases run at 8 ranks, and why: one case per (TP, PP, DP) factorisation of 
 ZeRO-1 wherever DP > 1). ZeRO-2/3 run only at 2 and 4 ranks: they need PP = 1, so at 8 ranks they
 would only repeat DP-only partitioning already proven at DP 2 and 4 (and with TP 2 x DP 2), and
 each 8-rank case costs 10-15 s on a 2-core machine. One process group per world size runs all of
-its cases (start-up dominates on 2 cores).
+its cases (start-up dominates on 2 cores). At 8 ranks only the debug_3d layout uses a DataLoader
+worker: 8 more processes per case on 2 cores cost time, and workers are covered at 1-4 ranks.
 """
 
 from __future__ import annotations
@@ -171,14 +172,14 @@ CASES = [
     Case(1, 4, 1, 0, "mha", ac="full"),
     Case(2, 2, 1, 1, "mha", precision="bf16"),
     # 8 ranks: one case per factorisation (see the module docstring)
-    Case(4, 2, 1, 0, "mha", sp=True),
-    Case(2, 4, 1, 0, "gqa"),
-    Case(4, 1, 2, 1, "mha"),
-    Case(1, 4, 2, 1, "tied", split="parameters"),
+    Case(4, 2, 1, 0, "mha", sp=True, workers=0),
+    Case(2, 4, 1, 0, "gqa", workers=0),
+    Case(4, 1, 2, 1, "mha", workers=0),
+    Case(1, 4, 2, 1, "tied", split="parameters", workers=0),
     Case(2, 2, 2, 1, "mha", ac="selective", sp=True),  # configs/runs/debug_3d.yaml's layout
-    Case(2, 1, 4, 1, "qwen2", sp=True),
-    Case(1, 2, 4, 1, "doc", ac="full"),
-    Case(1, 1, 8, 1, "mha"),
+    Case(2, 1, 4, 1, "qwen2", sp=True, workers=0),
+    Case(1, 2, 4, 1, "doc", ac="full", workers=0),
+    Case(1, 1, 8, 1, "mha", workers=0),
 ]
 
 
