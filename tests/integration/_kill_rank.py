@@ -6,6 +6,7 @@ imported zenlm.train.trainer, which saves ~6 s of imports per rank and launch); 
 come in the global PARAMS:
 
     rank, world_size, port   the torchrun-style environment this rank gets
+    env                      more environment (e.g. CPU-only ranks on a GPU machine)
     argv                     launch/train.py's command line (after the program name)
     out_dir                  rank{r}.log (stdout and stderr) and events{r}.jsonl go here
     kill                     None, or the planned kill point (see below)
@@ -171,6 +172,7 @@ def install(rank: int, kill: dict | None, events_path: Path) -> Recorder:
 
 def main(params: dict) -> None:
     rank, out_dir = params["rank"], Path(params["out_dir"])
+    os.environ.update(params["env"])
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(params["world_size"]),

@@ -8,7 +8,6 @@ runtime.dist_timeout_s bounds anything that would otherwise wait). The corpus is
 text by tools/train_tokenizer.py and tools/preprocess.py (zenlm.testing.text_corpus).
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 from zenlm.checkpoint import CheckpointStore, newest_valid
-from zenlm.testing.distributed import free_port
+from zenlm.testing.distributed import cpu_env, free_port
 from zenlm.testing.text_corpus import build_text_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def _launch(world_size, overrides, log_dir, tag):
     port = str(free_port())
     procs = []
+    base = cpu_env(world_size)  # gloo CPU ranks unless there is a GPU for each
     for rank in range(world_size):
         env = {
-            **os.environ,
+            **base,
             "RANK": str(rank),
             "WORLD_SIZE": str(world_size),
             "LOCAL_RANK": str(rank),

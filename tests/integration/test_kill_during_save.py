@@ -69,7 +69,7 @@ from pathlib import Path
 import pytest
 
 from zenlm.checkpoint import CheckpointStore, newest_valid, verify
-from zenlm.testing.distributed import free_port
+from zenlm.testing.distributed import cpu_env, free_port
 from zenlm.testing.text_corpus import build_text_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,9 +187,12 @@ def _read_events(path: Path) -> list[dict]:
 def _launch(ctx, world_size, argv, out_dir, kill=None, timeout_s=150) -> Launch:
     out_dir.mkdir(parents=True)
     port = free_port()
+    # gloo CPU ranks unless there is a GPU for each (the forked ranks take os.environ as it is)
+    env = {k: v for k, v in cpu_env(world_size).items() if os.environ.get(k) != v}
     procs = []
     for rank in range(world_size):
         params = {
+            "env": env,
             "rank": rank,
             "world_size": world_size,
             "port": port,
@@ -240,8 +243,14 @@ def ctx():
     """Rank processes forked from one server that has imported the training stack."""
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["zenlm.train.trainer"])
-    yield context
-    multiprocessing.forkserver._forkserver._stop()
+    with pytest.MonkeyPatch.context() as patch:
+        # The server imports torch before any rank sets its environment: give it CPU-only
+        # settings from the start where the ranks will need them (more ranks than GPUs).
+        for key, value in cpu_env(max(LAYOUTS)).items():
+            if os.environ.get(key) != value:
+                patch.setenv(key, value)
+        yield context
+        multiprocessing.forkserver._forkserver._stop()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
