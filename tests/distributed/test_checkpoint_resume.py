@@ -14,9 +14,9 @@ runs use 0: 16 worker processes beside 8 ranks on 2 cores made that process grou
   TP4 x PP1 x DP2, TP1 x PP4 x DP2 and TP2 x PP1 x DP4 (DP 2 -> 4), same global batch, with the
   optimizer state: the next 5 losses and grad norms equal the straight run's steps 11-15
   (relative < 1e-5).
-- Known bug, pinned by a strict xfail: after the exact resume the global torch RNG is one draw
-  ahead of the uninterrupted run's (torch's DataLoader draws its base seed from the global
-  generator each time the loader creates its iterator, and a resumed loader creates one more).
+- After the exact resume the global torch RNG equals the uninterrupted run's (it was one draw
+  ahead while torch's DataLoader drew its base seed from the global generator at each iterator
+  creation; the loader now gives it a private generator).
 One process group per world size runs all of its cases (start-up dominates on 2 cores).
 """
 
@@ -159,12 +159,6 @@ def test_exact_resume_tp2_pp2_dp2_zero1(ws8):
     assert losses[-1] < losses[0] - 0.05, "the run does not train"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch's DataLoader draws its base seed from the global torch RNG whenever "
-    "TrainLoader creates its iterator; a resumed run creates one more (src/zenlm/data/loader.py "
-    "should pass the DataLoader its own generator)",
-)
 def test_exact_resume_restores_the_rng_stream(ws8):
     assert all(res["same_rng"] for res in ws8), "the torch RNG differs after the resume"
 

@@ -98,8 +98,17 @@ def _data_loader(stream: IterableDataset, num_workers: int, pin_memory: bool) ->
     extra = {"prefetch_factor": 4} if num_workers > 0 else {}
     # batch_size=None: the stream yields whole micro batches. Workers pass our own tensors back
     # through torch's shared-memory queue; data from disk is never unpickled.
+    # generator: torch's DataLoader draws its workers' base seed from this generator each time
+    # an iterator is created, from the global torch RNG without one; a resumed run creates one
+    # iterator more than the uninterrupted run, so the global stream would differ after resume.
+    # The streams draw no random numbers, so a fixed private generator changes nothing else.
     return DataLoader(
-        stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **extra
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
+        **extra,
     )
 
 
