@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -110,7 +110,6 @@ class Case:
     split: str = "layers"
     workers: int = 1
     precision: str = "fp32"
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def world_size(self) -> int:
@@ -366,11 +365,10 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def _check_options(case: Case, r: dict, rank: int, layers: int) -> list[str]:
+def _check_options(case: Case, r: dict, rank: int) -> list[str]:
     bad = []
-    expected_zero = case.zero
-    if r["zero_stage"] != expected_zero:
-        bad.append(f"engine ZeRO stage {r['zero_stage']} != {expected_zero}")
+    if r["zero_stage"] != case.zero:
+        bad.append(f"engine ZeRO stage {r['zero_stage']} != {case.zero}")
     local = len(r["blocks"])
     recompute = 2 if case.ac != "none" else 1
     if r["sdpa_per_step"] != local * recompute:
@@ -411,7 +409,7 @@ def test_every_layout_matches_the_reference(world_size, corpus, references, tmp_
             for key in ("losses", "grad_norms", "val_loss", "val_accuracy"):
                 if r[key] != r0[key]:
                     failures.append(f"{case.name}: {key} differs between rank 0 and {rank}")
-            failures += _check_options(case, r, rank, 4)
+            failures += _check_options(case, r, rank)
         stages = _stage_blocks(case, per_rank, index)
         if case.variant == "split":
             if stages == [[i] for i in range(4)] or stages[0] or stages[-1]:

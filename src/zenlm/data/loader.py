@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from zenlm.data.sources import SampleSource, open_corpora
 
 # Labels equal to this count in no loss or accuracy (torch's cross-entropy default; the same
-# constant as zenlm.model.factory.IGNORE_INDEX, asserted by tests/unit/test_loader.py).
+# constant as zenlm.model.factory.IGNORE_INDEX, asserted by tests/unit/test_blend.py).
 IGNORE_INDEX = -100
 
 STATE_VERSION = 1
