@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from zenlm.errors import ZenlmError
 from zenlm.runtime.log import get_logger
 
 log = get_logger()
@@ -27,7 +28,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """Preemption (Slurm sends SIGTERM, or SIGUSR1 with --signal): save at the step boundary, stop."""
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(ZenlmError, RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 
+from zenlm.errors import ZenlmError
+
 _CHUNK = 64 << 20  # bytes per write(): large enough to stream at disk speed
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ZenlmError, RuntimeError):
     """A checkpoint cannot be written or read; the message names the file and the cause."""
 
 

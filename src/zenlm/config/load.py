@@ -17,12 +17,13 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from zenlm.errors import ZenlmError
 from zenlm.config.schema import RunConfig
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(ZenlmError, ValueError):
     """A config file or override is invalid; the message names the field."""
 
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from zenlm.errors import ZenlmError
+
 FORMAT_NAME = "zenlm-corpus"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -47,7 +49,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class CorpusError(RuntimeError):
+class CorpusError(ZenlmError, RuntimeError):
     """A corpus on disk is missing, corrupt, or does not match what the run expects."""
 
 

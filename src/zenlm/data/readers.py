@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from zenlm.errors import ZenlmError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_MODES = ("file", "line")
 BAD_KINDS = ("non_utf8", "invalid_json", "missing_field")
 
 
-class BadInputError(ValueError):
+class BadInputError(ZenlmError, ValueError):
     """Too many bad records in one input file."""
 
 
