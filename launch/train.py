@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zenlm.config import ConfigError, load_config
+from zenlm.config import load_config
+from zenlm.runtime.cli import run_tool
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -23,27 +24,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    # Imported after the config is known good: deepspeed/megatron imports take seconds.
+def train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    # Every check that needs no DeepSpeed (config, corpora, tokenizer, output dirs, the
+    # checkpoint to resume) runs before the framework imports, which take seconds.
+    from zenlm.train.preflight import preflight, world_size_from_env
+
+    preflight(cfg, world_size_from_env())
     from zenlm.train.trainer import Trainer
 
-    try:
-        trainer = Trainer(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    trainer = Trainer(cfg)
     history = trainer.fit()
     if trainer.rank == 0 and history:
         last = history[-1]
         summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
         print(f"done: step {int(last['step'])}: {summary}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Errors zenlm raises on purpose print as one `error: ...` line, exit code 2.
+    return run_tool(lambda: train(args))
 
 
 if __name__ == "__main__":

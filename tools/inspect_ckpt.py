@@ -19,7 +19,8 @@ import yaml
 
 from zenlm.checkpoint import CheckpointError, CheckpointStore, newest_valid, read_meta, verify
 from zenlm.checkpoint.io import read_json
-from zenlm.config.load import load_config, to_dict
+from zenlm.config.load import ConfigError, load_config, to_dict
+from zenlm.runtime.cli import run_tool
 
 
 def resolve(path: Path) -> Path:
@@ -83,6 +84,33 @@ def summary(ckpt: Path) -> list[str]:
     ]
 
 
+def inspect(args: argparse.Namespace) -> int:
+    if not args.checkpoint.exists():
+        raise CheckpointError(f"{args.checkpoint}: no such checkpoint or checkpoints directory")
+    ckpt = resolve(args.checkpoint)
+    if args.verify:
+        verify(ckpt)
+    try:
+        print("\n".join(summary(ckpt)))
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt}: meta.json or trainer.json lacks {e}") from None
+    if args.verify:
+        print("verified       every file matches its CRC-32")
+    if args.against:
+        if not args.against.exists():
+            raise ConfigError(f"--against {args.against}: no such checkpoint or config file")
+        try:
+            diff = config_diff(config_of(ckpt), config_of(args.against))
+        except (OSError, yaml.YAMLError) as e:
+            raise CheckpointError(f"cannot read a config.yaml to compare: {e}") from None
+        print(
+            f"config vs {args.against}: "
+            + ("identical" if not diff else f"{len(diff)} differences")
+        )
+        print("\n".join(diff))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -91,24 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", type=Path, help="another checkpoint (dir) or a config YAML")
     parser.add_argument("--verify", action="store_true", help="check every file's CRC-32")
     args = parser.parse_args(argv)
-    try:
-        ckpt = resolve(args.checkpoint)
-        if args.verify:
-            verify(ckpt)
-        print("\n".join(summary(ckpt)))
-        if args.verify:
-            print("verified       every file matches its CRC-32")
-        if args.against:
-            diff = config_diff(config_of(ckpt), config_of(args.against))
-            print(
-                f"config vs {args.against}: "
-                + ("identical" if not diff else f"{len(diff)} differences")
-            )
-            print("\n".join(diff))
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    # CheckpointError / ConfigError: one `error: ...` line, exit code 2.
+    return run_tool(lambda: inspect(args))
 
 
 if __name__ == "__main__":

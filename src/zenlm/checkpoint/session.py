@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 import zenlm
 from zenlm.checkpoint import runstate
+from zenlm.checkpoint.compat import IncompatibleCheckpointError
 from zenlm.checkpoint.faults import StepHealth, StopRequests, guard_plain_optimizer
 from zenlm.checkpoint.io import CheckpointError, read_json, write_bytes, write_json, write_tensors
 from zenlm.checkpoint.store import CheckpointStore, file_records, read_meta, verify_files
@@ -42,6 +43,28 @@ def _all_errors(err: str | None) -> list[str]:
     out: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(out, err)
     return [e for e in out if e]
+
+
+_INCOMPATIBLE = "incompatible: "
+
+
+def _as_message(e: CheckpointError) -> str:
+    """A rank's error as a string that keeps its kind across all_gather_object."""
+    return (_INCOMPATIBLE if isinstance(e, IncompatibleCheckpointError) else "") + str(e)
+
+
+def _raise_gathered(errors: list[str]) -> None:
+    """Raise the first gathered error, incompatible ones first (they stop the run), on every rank."""
+    if not errors:
+        return
+    bad_fit = [e for e in errors if e.startswith(_INCOMPATIBLE)]
+    err: CheckpointError = (
+        IncompatibleCheckpointError(bad_fit[0].removeprefix(_INCOMPATIBLE))
+        if bad_fit
+        else CheckpointError(errors[0])
+    )
+    err.same_on_all_ranks = True
+    raise err
 
 
 def _from_rank0(value: Any) -> Any:
@@ -68,6 +91,9 @@ class CheckpointSession:
         guard_plain_optimizer(trainer.engine)
         self.last_saved_step: int | None = None
         self.loaded_from: Path | None = None
+        # Checkpoints this run did not read (unverifiable ones it skipped; every existing one
+        # under resume=none): never pruned, and set aside rather than overwritten by a save.
+        self.protected_steps: set[int] = set()
 
     # -- what the trainer calls --------------------------------------------------------------
 
@@ -199,8 +225,15 @@ class CheckpointSession:
                 "tensors": index,
                 "shapes": dict(sorted(shapes.items())),
             }
+            if step in self.protected_steps and self.store.path(step).exists():
+                kept = self.store.set_aside(step)
+                self.protected_steps.discard(step)
+                log.warning(f"kept the unread checkpoint of step {step} as {kept}")
             final = self.store.commit(step, files, meta)
-            for s in self.store.prune(self.cfg.keep_last, self.cfg.keep_every_steps):
+            pruned = self.store.prune(
+                self.cfg.keep_last, self.cfg.keep_every_steps, self.protected_steps
+            )
+            for s in pruned:
                 log.info(f"deleted old checkpoint step {s}")
             return str(final), None
         except Exception as e:
@@ -219,10 +252,8 @@ class CheckpointSession:
                 if not f.is_file() or f.stat().st_size != rec.bytes:
                     raise CheckpointError(f"{f} is missing or has the wrong size")
         except CheckpointError as e:
-            err = str(e)
-        errors = _all_errors(err)
-        if errors:
-            raise CheckpointError(errors[0])
+            err = _as_message(e)
+        _raise_gathered(_all_errors(err))
         return meta  # type: ignore[return-value]
 
     def _load_verified(self, path: Path, meta: dict[str, Any]) -> None:
@@ -251,41 +282,69 @@ class CheckpointSession:
         try:
             self._load(path, meta)
         except CheckpointError as e:
-            err = str(e)
+            err = _as_message(e)
         finally:
             checker.join()
-        errors = _all_errors(err or box.get("err"))
-        if errors:
-            raise CheckpointError(errors[0])
+        # A failed CRC makes the checkpoint corrupt whatever the load said (a flipped byte can
+        # also change a shape in a header): corrupt ones are skipped, incompatible ones stop.
+        _raise_gathered(_all_errors(box.get("err") or err))
         # Only now (verified on every rank) move the data stream: a fallback must not skip twice.
-        self._restore_data(self._pending_data, self._pending_step)
+        try:
+            self._restore_data(self._pending_data, self._pending_step)
+        except ValueError as e:  # the loader's own check: another corpus set or batch layout
+            raise IncompatibleCheckpointError(
+                f"checkpoint {path}: its data position does not fit this run's corpora ({e}); "
+                "resume with the corpora and seq_len it was trained on, or start another run"
+            ) from e
         self.t.step = self._pending_step
         log.info(self._pending_message)
 
     def resume(self) -> Path | None:
+        """Load checkpoint.resume: 'none', one path, or 'auto' (the newest that verifies).
+
+        auto skips a torn or corrupt checkpoint for an older one and keeps it on disk (never
+        pruned, set aside rather than overwritten); a complete one that does not fit this run
+        stops it (IncompatibleCheckpointError), and so does finding checkpoints of which none
+        verifies: starting over would bury them. The user chooses checkpoint.resume=none."""
         choice = self.cfg.resume
+        existing = self.store.steps()
         if choice == "none":
+            if existing:
+                self.protected_steps = set(existing)
+                log.warning(
+                    f"checkpoint.resume=none: starting from step 0; the {len(existing)} "
+                    f"checkpoints already in {self.store.root} (steps {sorted(existing)}) are "
+                    "kept: never pruned, set aside rather than overwritten"
+                )
             return None
         explicit = choice != "auto"
-        candidates = (
-            [Path(choice)] if explicit else [self.store.path(s) for s in self.store.steps()]
-        )
+        candidates = [Path(choice)] if explicit else [self.store.path(s) for s in existing]
         if not candidates:
             log.info(f"no checkpoint in {self.store.root}: starting from step 0")
             return None
-        for path in candidates:
+        failures: list[str] = []
+        for step, path in zip(existing if not explicit else [None], candidates, strict=True):
             try:
                 self._load_verified(path, self._precheck(path))
+            except IncompatibleCheckpointError:
+                raise
             except CheckpointError as e:
                 if explicit:
                     raise
-                log.warning(f"skipping checkpoint {path}: {e}")
+                failures.append(f"{path.name}: {e}")
+                self.protected_steps.add(step)
+                log.warning(f"skipping checkpoint {path} (kept on disk): {e}")
                 continue
             return path
         if self.t.step:
             raise CheckpointError("no complete checkpoint to fall back to after a failed load")
-        log.warning(f"no complete checkpoint in {self.store.root}: starting from step 0")
-        return None
+        err = CheckpointError(
+            f"none of the {len(failures)} checkpoints in {self.store.root} verifies "
+            f"({'; '.join(failures)}); they are kept as they are. Restore them, or set "
+            "checkpoint.resume=none to start from step 0 (existing checkpoints are kept)"
+        )
+        err.same_on_all_ranks = True
+        raise err
 
     def _load(self, path: Path, meta: dict[str, Any]) -> None:
         t = self.t
@@ -293,8 +352,9 @@ class CheckpointSession:
         state = read_json(path / "trainer.json", records["trainer.json"])
         saved_fp, fp = meta.get("tokenizer_fingerprint"), self._tokenizer_fingerprint()
         if saved_fp and fp and saved_fp != fp:
-            raise CheckpointError(
-                f"{path}: tokenizer fingerprint {saved_fp[:12]}… != this run's {fp[:12]}…"
+            raise IncompatibleCheckpointError(
+                f"checkpoint {path} does not fit this run: tokenizer fingerprint "
+                f"{saved_fp[:12]}… (checkpoint) vs {fp[:12]}… (this run's data.tokenizer_path)"
             )
         load_weights(t.engine, t.factory, path, meta["tensors"], optimizer=True)
         runstate.set_optimizer_state(t.engine, state["optimizer"], t.layout.grad_accum_steps)

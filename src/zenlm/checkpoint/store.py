@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +101,22 @@ class CheckpointStore:
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def prune(self, keep_last: int, keep_every_steps: int = 0) -> list[int]:
-        """Delete all but the newest `keep_last` (and multiples of keep_every_steps); return them."""
-        steps = self.steps()
+    def set_aside(self, step: int) -> Path:
+        """Rename step_N to step_N.kept-<unix time>: out of discovery, never deleted by zenlm.
+        Used instead of overwriting a checkpoint this run did not read (see session.py)."""
+        src = self.path(step)
+        dst = src.with_name(f"{src.name}.kept-{int(time.time())}")
+        os.rename(src, dst)
+        fsync_dir(self.root)
+        return dst
+
+    def prune(
+        self, keep_last: int, keep_every_steps: int = 0, protected: Iterable[int] = ()
+    ) -> list[int]:
+        """Delete all but the newest `keep_last` (and multiples of keep_every_steps); return them.
+        `protected` steps are neither counted nor deleted."""
+        spared = set(protected)
+        steps = [s for s in self.steps() if s not in spared]
         keep = set(steps[:keep_last]) if keep_last > 0 else set(steps)
         if keep_every_steps > 0:
             keep |= {s for s in steps if s % keep_every_steps == 0}

@@ -44,10 +44,13 @@ def _is_mapped(p: nn.Parameter) -> bool:
 def check_supported(engine: Any, params: list[tuple[str, nn.Parameter]]) -> None:
     if isinstance(engine.optimizer, torch.optim.Optimizer):
         return  # ZeRO-0 fp32: the torch optimizer holds the parameters themselves
-    if not all(_is_mapped(p) for _, p in params):
+    unmapped = [n for n, p in params if not _is_mapped(p)]
+    if unmapped:
+        # Seen with fp16 at zero_stage=0 (DeepSpeed's FP16_Optimizer keeps no per-parameter
+        # mapping) and with empty (0-element) parameters, which ZeRO does not map.
         raise CheckpointError(
-            f"checkpointing {type(engine.optimizer).__name__} is not supported (fp16 with "
-            "zero_stage=0 keeps no per-parameter fp32 mapping); use zero_stage >= 1 or bf16"
+            f"cannot checkpoint {len(unmapped)} of {len(params)} parameters (e.g. {unmapped[0]}): "
+            f"{type(engine.optimizer).__name__} keeps no fp32 master mapping for them"
         )
 
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from zenlm.checkpoint import tensors as T
+from zenlm.checkpoint.compat import IncompatibleCheckpointError
 from zenlm.checkpoint.io import CheckpointError, FileRecord, write_tensors
 from zenlm.model.init import canonical_named_parameters
 from zenlm.parallel.dims import ParallelDims
@@ -121,8 +122,9 @@ def load_weights(
     T.check_supported(engine, params)
     missing = sorted({n for n, _ in params} - set(index["model"]))
     if missing:
-        raise CheckpointError(
-            f"{ckpt_dir}: no tensor for {len(missing)} parameters, e.g. {missing[:3]}"
+        raise IncompatibleCheckpointError(
+            f"checkpoint {ckpt_dir} does not fit this run: no tensor for {len(missing)} "
+            f"parameters of this model, e.g. {missing[:3]}"
         )
     T.ensure_optimizer_state(engine)
     reader = _Reader(ckpt_dir)
@@ -131,7 +133,10 @@ def load_weights(
         full = reader.get(index["model"][name], name)
         want = T.full_shape(p, tp)
         if full.shape != want:
-            raise CheckpointError(f"{name}: saved shape {tuple(full.shape)} != model {tuple(want)}")
+            raise IncompatibleCheckpointError(
+                f"checkpoint {ckpt_dir} does not fit this run: {name} has shape "
+                f"{tuple(full.shape)} in the checkpoint, {tuple(want)} in this model"
+            )
         T.set_local(engine, p, None, T.shard(full.float(), p, tp, tp_rank))
         if not optimizer:
             continue

@@ -17,8 +17,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
-from zenlm.errors import ZenlmError
 from zenlm.config.schema import RunConfig
+from zenlm.errors import ZenlmError
 
 T = TypeVar("T")
 
@@ -115,19 +115,30 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """One YAML file with its `base:` chain resolved, as a plain dict."""
     path = Path(path)
+    real = path.resolve()
+    if real in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(real) :], real))
+        raise ConfigError(f"{path}: 'base:' files include each other in a cycle: {cycle}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from e
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', e)}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("base", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base:' must be a file name or a list of them, got {bases!r}")
     merged: dict[str, Any] = {}
-    for b in [bases] if isinstance(bases, str) else bases:
-        merged = _merge(merged, read_yaml(path.parent / b))
+    for b in bases:
+        merged = _merge(merged, read_yaml(path.parent / b, (*_chain, real)))
     return _merge(merged, data)
 
 
@@ -136,10 +147,19 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form a.b.c=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    key = key.strip()
+    parts = key.split(".")
+    if not key or not all(parts):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted key like optim.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override {key}: value {raw!r} is not valid YAML ({getattr(e, 'problem', e)}); "
+            "quote it, e.g. key='\"text\"'"
+        ) from e
     out: dict[str, Any] = {}
     node = out
-    parts = key.strip().split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value

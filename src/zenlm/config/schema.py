@@ -60,6 +60,10 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     seed: int = 1234
     """Seed of the data order (a pure function of seed, epoch and global sample index)."""
+    verify_checksums: bool = False
+    """Check each shard's sha256 against its manifest on first open (once per process; reads the
+    whole shard once more, see docs/data.md for the cost). tools/verify_corpus.py does the same
+    offline for a whole corpus."""
 
 
 @dataclass

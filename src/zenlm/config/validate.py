@@ -5,7 +5,9 @@ Returns the derived layout (degrees and batch shape) so the rest of the code nev
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from zenlm.config.load import ConfigError
 from zenlm.config.schema import RunConfig
@@ -53,6 +55,141 @@ def _check_model(cfg: RunConfig, tp: int, pp: int) -> None:
         )
 
 
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+def check_values(cfg: RunConfig) -> None:
+    """Per-field ranges: values that parse but make no sense, each naming the key and the fix."""
+    m, d, o, c, lg, r = cfg.model, cfg.data, cfg.optim, cfg.checkpoint, cfg.logging, cfg.runtime
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
+        value = getattr(m, key)
+        _need(value >= 1, f"model.{key} must be >= 1, got {value}")
+    _need(
+        m.num_attention_heads >= 1,
+        f"model.num_attention_heads must be >= 1, got {m.num_attention_heads}",
+    )
+    _need(
+        m.num_kv_heads is None or m.num_kv_heads >= 1,
+        f"model.num_kv_heads must be >= 1 (1 = multi-query) or null (= num_attention_heads), "
+        f"got {m.num_kv_heads}",
+    )
+    _need(
+        m.head_dim is None or m.head_dim >= 2,
+        f"model.head_dim must be >= 2 or null, got {m.head_dim}",
+    )
+    _need(
+        m.vocab_pad_multiple >= 1,
+        f"model.vocab_pad_multiple must be >= 1, got {m.vocab_pad_multiple}",
+    )
+    _need(m.max_seq_len >= 1, f"model.max_seq_len must be >= 1, got {m.max_seq_len}")
+    for key in ("rope_theta", "rms_norm_eps", "init_std"):
+        value = getattr(m, key)
+        _need(value > 0, f"model.{key} must be > 0, got {value}")
+    if m.rope_scaling.type != "none":
+        rs = m.rope_scaling
+        _need(
+            rs.factor > 0 and rs.low_freq_factor > 0 and rs.high_freq_factor > rs.low_freq_factor,
+            "model.rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0, got "
+            f"factor={rs.factor}, low={rs.low_freq_factor}, high={rs.high_freq_factor}",
+        )
+    _need(
+        cfg.parallel.data_parallel_degree >= 0,
+        f"parallel.data_parallel_degree must be >= 0 (0 = derived), got {cfg.parallel.data_parallel_degree}",
+    )
+
+    for i, corpus in enumerate(d.corpora):
+        _need(bool(corpus.path), f"data.corpora[{i}].path is empty: give the corpus directory")
+        _need(corpus.weight > 0, f"data.corpora[{i}].weight must be > 0, got {corpus.weight}")
+    _need(d.seq_len_tokens >= 1, f"data.seq_len_tokens must be >= 1, got {d.seq_len_tokens}")
+    _need(
+        d.grad_accum_steps >= 0,
+        f"data.grad_accum_steps must be >= 0 (0 = derived), got {d.grad_accum_steps}",
+    )
+    _need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+
+    _need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _need(
+        0 <= o.min_lr <= o.lr,
+        f"optim.min_lr ({o.min_lr}) must be in [0, optim.lr = {o.lr}]: it is the floor the "
+        "schedule decays to",
+    )
+    _need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    for key in ("beta1", "beta2"):
+        value = getattr(o, key)
+        _need(0 <= value < 1, f"optim.{key} must be in [0, 1), got {value}")
+    _need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    _need(
+        o.grad_clip_norm >= 0,
+        f"optim.grad_clip_norm must be >= 0 (0 disables clipping), got {o.grad_clip_norm}",
+    )
+    _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _need(
+        0 < o.decay_fraction <= 1,
+        f"optim.decay_fraction must be in (0, 1] (the share of train_steps in the final decay), "
+        f"got {o.decay_fraction}",
+    )
+
+    _need(
+        c.save_interval_steps >= 0,
+        f"checkpoint.save_interval_steps must be >= 0 (0 = only at the end), got {c.save_interval_steps}",
+    )
+    _need(c.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 = keep all), got {c.keep_last}")
+    _need(
+        c.keep_every_steps >= 0,
+        f"checkpoint.keep_every_steps must be >= 0, got {c.keep_every_steps}",
+    )
+    _need(
+        c.max_consecutive_nonfinite_steps >= 0,
+        f"checkpoint.max_consecutive_nonfinite_steps must be >= 0 (0 = never stop), got {c.max_consecutive_nonfinite_steps}",
+    )
+    _need(
+        c.loss_spike_factor == 0 or c.loss_spike_factor > 1,
+        f"checkpoint.loss_spike_factor must be 0 (off) or > 1, got {c.loss_spike_factor}",
+    )
+    _need(
+        c.loss_spike_window_steps >= 1,
+        f"checkpoint.loss_spike_window_steps must be >= 1, got {c.loss_spike_window_steps}",
+    )
+    _need(
+        bool(c.resume.strip()),
+        "checkpoint.resume is empty: use 'auto', 'none' or the path of a checkpoint directory",
+    )
+
+    _need(bool(lg.run_dir), "logging.run_dir is empty: give the parent directory of runs")
+    _need(
+        bool(_SAFE_NAME.match(lg.run_name)) and ".." not in lg.run_name,
+        f"logging.run_name={lg.run_name!r} must be one plain directory name (letters, digits, "
+        "'.', '_', '-', no '/' or '..'): the run lives in <run_dir>/<run_name>",
+    )
+    _need(
+        lg.log_interval_steps >= 1,
+        f"logging.log_interval_steps must be >= 1, got {lg.log_interval_steps}",
+    )
+    _need(
+        lg.eval_interval_steps >= 0,
+        f"logging.eval_interval_steps must be >= 0 (0 = no validation), got {lg.eval_interval_steps}",
+    )
+    _need(
+        lg.eval_samples >= 1 or lg.eval_interval_steps == 0,
+        f"logging.eval_samples must be >= 1 when validation is on, got {lg.eval_samples} "
+        "(set logging.eval_interval_steps=0 to turn validation off)",
+    )
+    _need(
+        lg.peak_tflops_per_device >= 0,
+        f"logging.peak_tflops_per_device must be >= 0 (0 = detect), got {lg.peak_tflops_per_device}",
+    )
+    _need(
+        r.torch_threads >= 0,
+        f"runtime.torch_threads must be >= 0 (0 = torch's default), got {r.torch_threads}",
+    )
+    _need(r.dist_timeout_s >= 1, f"runtime.dist_timeout_s must be >= 1, got {r.dist_timeout_s}")
+
+
 _HALF = ("bf16", "fp16")
 
 
@@ -79,8 +216,12 @@ def check_precision_supported(precision: str) -> None:
     )
 
 
-def validate(cfg: RunConfig, world_size: int) -> Layout:
-    """Check every cross-section constraint; return the derived Layout."""
+def validate(cfg: RunConfig, world_size: int, check_device: bool = True) -> Layout:
+    """Check every field and cross-section constraint; return the derived Layout.
+
+    check_device=False skips the one check that asks DeepSpeed about this device (precision),
+    so a launcher can run everything else before importing DeepSpeed."""
+    check_values(cfg)
     p = cfg.parallel
     tp, pp = p.tensor_parallel_degree, p.pipeline_parallel_degree
     if tp < 1 or pp < 1:
@@ -149,7 +290,8 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
         raise ConfigError(
             f"optim.warmup_steps ({o.warmup_steps}) exceeds optim.train_steps ({o.train_steps})"
         )
-    check_precision_supported(cfg.runtime.precision)
+    if check_device:
+        check_precision_supported(cfg.runtime.precision)
     return Layout(
         world_size=world_size,
         tensor_parallel_degree=tp,
@@ -160,3 +302,13 @@ def validate(cfg: RunConfig, world_size: int) -> Layout:
         global_batch_size_seqs=gbs,
         seq_len_tokens=d.seq_len_tokens,
     )
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    """<logging.run_dir>/<logging.run_name>: config.yaml, tb/, the STOP flag file."""
+    return Path(cfg.logging.run_dir) / cfg.logging.run_name
+
+
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    """checkpoint.dir, or <run dir>/checkpoints when it is ''."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir(cfg) / "checkpoints"

@@ -40,9 +40,9 @@ except SystemExit as e:
 finally:
     with open(os.environ["ZENLM_PROBE_OUT"], "w") as f:
         json.dump({"rc": rc, "seconds": time.perf_counter() - t0,
-                   "heavy": sorted({m.split(".")[0] for m in sys.modules} & set(%r))}, f)
+                   "heavy": sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))}, f)
 sys.exit(rc)
-""" % (HEAVY,)
+""".replace("HEAVY", repr(HEAVY))
 
 
 @dataclass
@@ -87,9 +87,7 @@ def run_tool_probe(
             timeout=timeout_s,
         )
         probe = json.loads(out.read_text()) if out.is_file() else {"seconds": -1, "heavy": []}
-    return ProbeResult(
-        proc.returncode, proc.stdout, proc.stderr, probe["seconds"], probe["heavy"]
-    )
+    return ProbeResult(proc.returncode, proc.stdout, proc.stderr, probe["seconds"], probe["heavy"])
 
 
 def snapshot(*roots: str | os.PathLike) -> dict[str, str]:

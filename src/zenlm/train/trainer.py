@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ import torch.distributed as dist
 from zenlm.checkpoint.session import CheckpointSession
 from zenlm.config.load import dump_config
 from zenlm.config.schema import RunConfig
-from zenlm.config.validate import validate
+from zenlm.config.validate import check_precision_supported, run_dir
 from zenlm.metrics.tensorboard import TensorBoardWriter
 from zenlm.metrics.throughput import detect_peak_tflops, flops_per_token, mfu
 from zenlm.runtime.env import init_distributed, set_seeds, set_threads
@@ -32,6 +31,7 @@ from zenlm.train.build import (
     model_inputs,
     pipeline_batch,
 )
+from zenlm.train.preflight import preflight
 
 log = get_logger()
 
@@ -61,14 +61,15 @@ class Trainer:
         set_threads(cfg.runtime.torch_threads)
         self.rank, world_size = init_distributed(cfg.runtime.dist_timeout_s)
         self.cfg = cfg
-        self.layout = validate(cfg, world_size)
+        # Config, corpora, tokenizer, output dirs, the checkpoint to resume (launch/train.py ran
+        # this before the framework imports too), then the device's precision support.
+        self.layout = preflight(cfg, world_size, corpora=train_data is None)
+        check_precision_supported(cfg.runtime.precision)
         set_seeds(cfg.runtime.seed)
         self.dims = build_parallel(cfg, self.layout)
         self.engine, self.factory = build_training_engine(cfg, self.layout, self.dims)
         self.pipelined = self.layout.pipeline_parallel_degree > 1
-        self.run_dir = Path(cfg.logging.run_dir) / cfg.logging.run_name
-        if self.rank == 0:
-            dump_config(cfg, self.run_dir / "config.yaml")
+        self.run_dir = run_dir(cfg)
         dp_rank = self.dims.coords(self.rank)[1]
         if train_data is None:
             self.train_loader, self.valid_data = self._build_corpus_loaders(dp_rank)
@@ -79,9 +80,6 @@ class Trainer:
         masking = cfg.model.document_masking
         # DeepSpeed's pipeline pulls grad_accum_steps micro batches per train_batch itself.
         self.pipe_iter = (pipeline_batch(b, masking) for b in self.train_iter)
-        self.tb = TensorBoardWriter(
-            self.run_dir / "tb", enabled=cfg.logging.tensorboard_enabled and self.rank == 0
-        )
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(cfg.model, self.layout.seq_len_tokens)
@@ -89,14 +87,19 @@ class Trainer:
         # Checkpoints (zenlm.checkpoint.session): resume now, so step/data/optimizer continue.
         self.checkpoints = CheckpointSession(self)
         self.checkpoints.resume()
+        # Only after the resume succeeded: a run stopped by a checkpoint it cannot use leaves
+        # the run directory (config.yaml, TensorBoard events) as it found it.
+        if self.rank == 0:
+            dump_config(cfg, self.run_dir / "config.yaml")
+        self.tb = TensorBoardWriter(
+            self.run_dir / "tb", enabled=cfg.logging.tensorboard_enabled and self.rank == 0
+        )
 
     def _build_corpus_loaders(self, dp_rank: int) -> tuple[Any, Any]:
         from zenlm.data import build_train_loader, build_valid_loader
         from zenlm.data.tokenizer import fingerprint_file
 
-        d = self.cfg.data
-        if not d.corpora:
-            raise ValueError("data.corpora is empty: give at least one corpus directory")
+        d = self.cfg.data  # checked in preflight: corpora exist, fit seq_len, tokenizer, vocab
         common = dict(
             corpora=[(c.path, c.weight) for c in d.corpora],
             seq_len=d.seq_len_tokens,
@@ -106,6 +109,7 @@ class Trainer:
             expected_tokenizer_fingerprint=fingerprint_file(d.tokenizer_path)
             if d.tokenizer_path
             else None,
+            verify_checksums=d.verify_checksums,
         )
         train = build_train_loader(
             **common,
