@@ -21,6 +21,7 @@ from pathlib import Path
 from zenlm.data.format import load_manifest
 from zenlm.data.tokenizer import fingerprint_file, train_tokenizer
 from zenlm.data.writer import preprocess
+from zenlm.runtime.cli import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "runs" / "demo-data"
@@ -85,4 +86,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))  # a ZenlmError: one `error: ...` line, exit 2

@@ -235,3 +235,19 @@ def test_planted_pickle_is_refused_without_running(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
     assert safe_torch_load(tmp_path / "ok.pt")["w"].sum() == 2
     assert not marker.exists(), "unpickling ran code"
+
+
+def test_protected_steps_are_neither_counted_nor_pruned_and_set_aside_keeps_bytes(tmp_path):
+    """What the session uses for checkpoints it could not read (or did not read, resume=none)."""
+    store = CheckpointStore(tmp_path)
+    for step in (1, 2, 3):
+        _save(store, step, numel=64, keep_last=0)
+    before = {p.name: p.read_bytes() for p in store.path(3).iterdir()}
+    _save(store, 4, numel=64, keep_last=0)
+    assert store.prune(keep_last=1, protected={3}) == [2, 1]
+    assert store.steps() == [4, 3]
+    kept = store.set_aside(3)
+    assert kept.name.startswith("step_00000003.kept-") and store.steps() == [4]
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+    _save(store, 5, numel=64, keep_last=1)  # .kept- directories are outside discovery/pruning
+    assert store.steps() == [5] and kept.is_dir()

@@ -21,8 +21,15 @@ EXIT_BAD_INPUT = 2
 
 
 def error_line(e: ZenlmError) -> str:
-    """The message on one line (a multi-line message is joined with '; ')."""
+    """The message on one line (a multi-line message is joined with '; ').
+
+    An error raised in a DataLoader worker arrives re-raised by torch with the worker's
+    traceback in its message ("Caught CorpusError in DataLoader worker process 0. Original
+    Traceback ..."); its last line holds the original message, which is what is shown."""
     parts = [part.strip() for part in str(e).splitlines() if part.strip()]
+    if any(p.startswith("Original Traceback") for p in parts):
+        last = parts[-1]
+        parts = [last.split(": ", 1)[1] if last.startswith(type(e).__module__) else last]
     return "error: " + ("; ".join(parts) or type(e).__name__)
 
 
