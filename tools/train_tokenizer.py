@@ -3,7 +3,9 @@
     python tools/train_tokenizer.py data/*.jsonl.gz --out tokenizer.model --vocab-size 32000
 
 The vocabulary size is rounded up to a multiple of 128; the printed fingerprint (sha256 of the
-model file) is what every corpus manifest and checkpoint records. See docs/data.md.
+model file) is what every corpus manifest and checkpoint records. Every flag, input and the
+--out place are checked before any text is read; --out must not exist yet (a tokenizer is never
+overwritten). Bad input is one `error: ...` line and exit code 2. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -11,17 +13,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zenlm.data.readers import add_input_arguments
+from zenlm.data.readers import ToolArgumentParser, add_input_arguments
 from zenlm.data.tokenizer import round_vocab_size, train_tokenizer
+from zenlm.runtime.cli import run_tool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ToolArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_input_arguments(p)
-    p.add_argument("--out", required=True, help="path of the .model file to write")
-    p.add_argument("--vocab-size", type=int, required=True, help="rounded up to a multiple of 128")
+    p.add_argument("--out", required=True, help="path of the .model file to write (must be new)")
+    p.add_argument(
+        "--vocab-size", type=int, required=True, help="rounded up to a multiple of 128 (>= 384)"
+    )
     p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     p.add_argument(
         "--max-sentences",
@@ -34,8 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+def _main(a: argparse.Namespace) -> int:
     tok = train_tokenizer(
         a.inputs,
         a.out,
@@ -56,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         f"eos={tok.eos_id} pad={tok.pad_id}\nfingerprint {tok.fingerprint}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    return run_tool(lambda: _main(a))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from zenlm.data.format import (
     load_manifest,
     sample_key,
 )
+from zenlm.data.pack import ShardSink
 from zenlm.data.readers import BadInputError
 from zenlm.data.tokenizer import load_tokenizer, train_tokenizer
-from zenlm.data.writer import preprocess, preprocess_corpus
+from zenlm.data.writer import DEFAULT_VALID_FRACTION, preprocess, preprocess_corpus
 
 SEQ_LEN = 63  # 64 tokens per sample
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,6 +213,7 @@ def test_bad_records_counted_per_file(tmp_path, tok, docs):
         tok.path,
         SEQ_LEN,
         1 << 20,
+        valid_fraction=0.0,
         num_workers=1,
         max_bad_fraction=0.1,
         progress=False,
@@ -234,9 +236,7 @@ def test_over_threshold_fails_naming_the_file(tmp_path, tok, docs, capsys):
         preprocess([good, bad], tmp_path / "c", tok.path, SEQ_LEN, num_workers=1, progress=False)
     assert not (tmp_path / "c" / "manifest.json").exists()
     # the CLI reports it as an error message and exit status 2, not a traceback
-    spec = importlib.util.spec_from_file_location("preprocess_tool", ROOT / "tools/preprocess.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("preprocess")
     argv = [
         str(bad),
         "--tokenizer",
@@ -245,6 +245,8 @@ def test_over_threshold_fails_naming_the_file(tmp_path, tok, docs, capsys):
         str(tmp_path / "d"),
         "--seq-len",
         "63",
+        "--valid-fraction",
+        "0.2",
         "--workers",
         "1",
         "--no-progress",
@@ -300,6 +302,73 @@ def test_rerun_skips_complete_shards(tmp_path, tok, docs):
         == first.manifest.splits["train"].shards[1].sha256
     )
 
-    # other settings: nothing is reused
-    fourth = run(tmp_path, tok, docs, valid_fraction=0.3)
-    assert fourth.shards_skipped == 0
+    # other settings into the same directory: refused, naming the setting, nothing touched
+    before = {p: p.read_bytes() for p in (tmp_path / "corpus").iterdir()}
+    with pytest.raises(BadInputError, match=r"holds another corpus \(made with --valid-fraction"):
+        run(tmp_path, tok, docs, valid_fraction=0.3)
+    assert {p: p.read_bytes() for p in (tmp_path / "corpus").iterdir()} == before
+    # and into another directory it is a fresh corpus
+    fifth = run(tmp_path, tok, docs, name="other", valid_fraction=0.3)
+    assert fifth.shards_skipped == 0
+
+
+def test_resume_after_kill_and_failed_run_leaves_dir_as_found(tmp_path, tok, docs):
+    """A killed run (state + some shards, no manifest) is resumed by the same command; a run
+    that fails in such a directory removes only what it created and restores the state file."""
+    first = run(tmp_path, tok, docs)
+    corpus = tmp_path / "corpus"
+    (corpus / "manifest.json").unlink()  # as if killed before the end
+    (corpus / "valid-000000.tar").unlink()
+    (corpus / "train-000002.tar").unlink()
+    second = run(tmp_path, tok, docs)
+    n = sum(len(s.shards) for s in first.manifest.splits.values())
+    assert (second.shards_written, second.shards_skipped) == (2, n - 2)
+    assert second.manifest == first.manifest
+
+
+def test_failed_run_removes_what_it_created(tmp_path, tok, docs, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    bad = bad_jsonl(tmp_path / "bad.jsonl", docs[:50])  # fails after in.jsonl is packed
+    out = tmp_path / "new" / "deeper" / "corpus"
+    written, finish = [], ShardSink._finish
+
+    def spy(self):
+        finish(self)
+        written.append(self.split)
+
+    monkeypatch.setattr(ShardSink, "_finish", spy)
+    kw = {"num_workers": 1, "progress": False, "chunk_chars": 500}  # in.jsonl packed first
+    with pytest.raises(BadInputError, match=r"bad\.jsonl: 4 of 54 records are bad"):
+        preprocess_corpus([src, bad], out, tok.path, SEQ_LEN, 4 * 2048, **kw)
+    assert written  # shards were complete when it failed
+    assert not (tmp_path / "new").exists()  # the directories it made are gone too
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BadInputError):
+        preprocess_corpus([src, bad], empty, tok.path, SEQ_LEN, 4 * 2048, **kw)
+    assert empty.is_dir() and not list(empty.iterdir())  # kept (it was there), emptied
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_cli_default_valid_fraction_gives_a_valid_split(tmp_path, tok):
+    """The tool's default --valid-fraction is the library's (0.01) and gives a valid split the
+    trainer accepts with validation on; too small an input for one is an error, not an empty
+    split."""
+    tool = load_tool("preprocess")
+    assert tool.parse_args(["x", "--tokenizer", "t", "--out", "o", "--seq-len", "8"]).valid_fraction
+    assert tool.DEFAULT_VALID_FRACTION == DEFAULT_VALID_FRACTION == 0.01
+    src = write_jsonl(tmp_path / "in.jsonl", make_docs(2000, seed=5))
+    args = ["--tokenizer", tok.path, "--seq-len", "63", "--workers", "1", "--no-progress"]
+    assert tool.main([str(src), *args, "--out", str(tmp_path / "c")]) == 0
+    m = load_manifest(tmp_path / "c")
+    assert m.valid_fraction == 0.01 and m.splits["valid"].samples >= 1
+    small = write_jsonl(tmp_path / "small.jsonl", make_docs(30, seed=6))
+    with pytest.raises(BadInputError, match=r"--valid-fraction 0\.01: the valid split got"):
+        preprocess_corpus([small], tmp_path / "d", tok.path, SEQ_LEN, num_workers=1, progress=False)
+    assert not (tmp_path / "d").exists()

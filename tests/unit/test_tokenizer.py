@@ -3,9 +3,12 @@ lossless round trip, JSONL input."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from zenlm.data.tokenizer import (
     EOS_ID,
     PAD_ID,
     UNK_ID,
+    TokenizerError,
     fingerprint_file,
     load_tokenizer,
     round_vocab_size,
@@ -147,3 +151,58 @@ def test_too_little_text_is_a_clear_error(tmp_path):
     src.write_text("just a few words\n" * 3)
     with pytest.raises(ValueError, match="too little training text"):
         train_tokenizer([src], tmp_path / "t.model", 4000, model_type="unigram", progress=False)
+
+
+def test_load_and_fingerprint_name_a_bad_model_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    (tmp_path / "empty.model").write_bytes(b"")
+    cases = {
+        tmp_path / "notes.txt": "not a SentencePiece model",
+        tmp_path / "empty.model": "empty file",
+        tmp_path: "is a directory",
+        tmp_path / "nowhere.model": "no tokenizer model there",
+    }
+    for path, what in cases.items():
+        with pytest.raises(TokenizerError, match=re.escape(f"{path}: {what}")):
+            load_tokenizer(path)
+    with pytest.raises(TokenizerError, match=re.escape(f"{tmp_path / 'nowhere.model'}: no")):
+        fingerprint_file(tmp_path / "nowhere.model")  # what the trainer calls on tokenizer_path
+
+
+def test_train_refuses_bad_arguments_and_places_before_reading(tmp_path, tok):
+    src = tmp_path / "a.txt"
+    src.write_text("\n".join(make_docs(50)))
+    before = Path(tok.path).read_bytes()
+    bad = [
+        (dict(model_path=tok.path), "already exists"),
+        (dict(model_path=tmp_path), "is a directory"),
+        (dict(vocab_size=0), "--vocab-size must be positive"),
+        (dict(vocab_size=200), "too small"),
+        (dict(max_sentences=-1), "--max-sentences"),
+        (dict(character_coverage=0.0), "--character-coverage"),
+        (dict(num_threads=0), "--threads"),
+        (dict(inputs=[src, tmp_path / "gone.txt"]), "gone.txt: input file not found"),
+    ]
+    for kw, what in bad:
+        args = {"inputs": [src], "model_path": tmp_path / "new.model", "vocab_size": 384, **kw}
+        with pytest.raises(BadInputError, match=re.escape(what)):
+            train_tokenizer(**args, progress=False)
+    assert Path(tok.path).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_failed_training_leaves_nothing(tmp_path):
+    src = tmp_path / "tiny.txt"
+    src.write_text("just a few words\n" * 3)
+    out = tmp_path / "new" / "dir" / "t.model"
+    with pytest.raises(TokenizerError, match=re.escape(f"in {src}")):
+        train_tokenizer([src], out, 4000, progress=False)
+    assert not (tmp_path / "new").exists()
+    # a file that is gzip for its first block but cut later fails naming it, from inside the
+    # SentencePiece iterator (the original error, not SentencePiece's RuntimeError)
+    packed = gzip.compress("\n".join(make_docs(400, seed=3)).encode() * 3)
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(packed[: len(packed) * 3 // 4])
+    with pytest.raises(BadInputError, match=re.escape(f"{cut}: cannot read input")):
+        train_tokenizer([cut], out, 384, progress=False)
+    assert not (tmp_path / "new").exists()

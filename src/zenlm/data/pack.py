@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from zenlm.data.format import ShardInfo, encode_sample, sample_key, sha256_file, shard_name
 
@@ -96,7 +95,7 @@ class ShardSink:
         self._shard_index = 0
         self._in_shard = 0
         self._tokens_in_shard = 0
-        self._writer: wds.TarWriter | None = None
+        self._writer = None  # webdataset.TarWriter of the open shard
         self._file = None
         self._skip = False
 
@@ -106,6 +105,10 @@ class ShardSink:
     def _open(self) -> None:
         self._skip = self._name() in self.complete
         if not self._skip:
+            # Imported here: webdataset imports torch (seconds), which the tools' argument and
+            # input checks, run before the first shard, should not wait for.
+            import webdataset as wds
+
             tmp = self.out_dir / (self._name() + ".tmp")
             self._file = open(tmp, "wb")  # noqa: SIM115 (closed in _finish, spans many writes)
             # mtime fixed and no encoder: the tar bytes depend on the samples only.
@@ -150,3 +153,14 @@ class ShardSink:
         """Finish the last, possibly smaller, shard."""
         if self._in_shard:
             self._finish()
+
+    def abort(self) -> None:
+        """Close the shard being written without finishing it (its .tmp stays for the caller
+        to remove)."""
+        try:
+            if self._writer is not None:
+                self._writer.close()  # (else its finalizer writes to the closed file)
+        finally:
+            if self._file is not None:
+                self._file.close()
+            self._writer = self._file = None

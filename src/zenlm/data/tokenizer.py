@@ -10,8 +10,11 @@ option that would change this, so it is documented (docs/data.md) rather than wo
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,28 +23,88 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from zenlm.data.format import TokenizerInfo, sha256_file
-from zenlm.data.readers import DocumentReader
+from zenlm.data.readers import BadInputError, DocumentReader, check_inputs
+from zenlm.errors import ZenlmError
 
 VOCAB_MULTIPLE = 128
 """Vocabulary sizes are rounded up to this so embedding and LM-head shards stay aligned under TP."""
 
 # Fixed special ids (Llama convention for unk/bos/eos; pad gets the next id).
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+MIN_VOCAB_SIZE = 4 + 256
+"""Pieces byte fallback needs before any learned one: 4 special ids and the 256 byte pieces."""
 # SentencePiece skips training sentences longer than this many bytes; we chunk documents to fit.
 MAX_SENTENCE_BYTES = 16384
 _MAX_SENTENCE_CHARS = MAX_SENTENCE_BYTES // 4  # a UTF-8 character is at most 4 bytes
 
 
+class TokenizerError(ZenlmError, ValueError):
+    """A tokenizer file that is missing or not a usable SentencePiece model, or training that
+    cannot produce the asked vocabulary; the message names the file and the fix."""
+
+
 def round_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     """Smallest multiple of `multiple` that is >= vocab_size."""
     if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        raise BadInputError(f"--vocab-size must be positive, got {vocab_size}")
     return -(-vocab_size // multiple) * multiple
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file (the tokenizer fingerprint when given a .model file)."""
-    return sha256_file(path)
+    """sha256 hex digest of a file (the tokenizer fingerprint when given a .model file).
+
+    A path that is not a readable file raises TokenizerError naming it."""
+    _check_model_file(path)
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read tokenizer model ({e.strerror})") from e
+
+
+def _check_model_file(path: str | os.PathLike) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise TokenizerError(
+            f"{path}: no tokenizer model there (train one with tools/train_tokenizer.py)"
+        )
+    if not p.is_file():
+        raise TokenizerError(
+            f"{path}: is a directory, not a tokenizer model; give the .model file inside it"
+        )
+    if p.stat().st_size == 0:
+        raise TokenizerError(
+            f"{path}: empty file, not a SentencePiece model (an interrupted write?); retrain it "
+            "with tools/train_tokenizer.py"
+        )
+
+
+def check_output_path(path: str | os.PathLike, what: str = "--out") -> list[Path]:
+    """Refuse a place a new file cannot be written to, before any work; returns the missing
+    parent directories (outermost first), which the caller creates and removes on failure."""
+    p = Path(path)
+    if p.is_dir():
+        raise BadInputError(
+            f"{what} {path}: is a directory; give the path of the file to write "
+            f"(e.g. {p / 'tokenizer.model'})"
+        )
+    if p.exists() or p.is_symlink():
+        raise BadInputError(
+            f"{what} {path}: already exists (corpora and checkpoints record a tokenizer's "
+            "fingerprint, so it is never overwritten); pick another path or delete it yourself"
+        )
+    missing: list[Path] = []
+    parent = p.absolute().parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInputError(f"{what} {path}: {parent} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise BadInputError(f"{what} {path}: cannot write in {parent} ({e.strerror})") from e
+    return missing[::-1]
 
 
 def training_sentences(documents: Iterable[str]) -> Iterator[str]:
@@ -85,18 +148,46 @@ def train_tokenizer(
 
     vocab_size is rounded up to a multiple of 128. max_sentences > 0 samples that many training
     sentences (SentencePiece's input_sentence_size) instead of using all of them.
+
+    Every argument, every input file and the output place are checked before reading any text
+    (BadInputError naming the flag or file); model_path must not exist yet. On any failure
+    nothing is left behind (no temp file, no directory this call created).
     """
     if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+        raise BadInputError(f"--model-type must be 'bpe' or 'unigram', got {model_type!r}")
     rounded = round_vocab_size(vocab_size)
+    if rounded < MIN_VOCAB_SIZE:
+        raise BadInputError(
+            f"--vocab-size {vocab_size} (rounded to {rounded}) is too small: byte fallback alone "
+            f"needs {MIN_VOCAB_SIZE} pieces (4 special ids + 256 bytes); use at least "
+            f"{round_vocab_size(MIN_VOCAB_SIZE + 1)}"
+        )
+    if max_sentences < 0:
+        raise BadInputError(f"--max-sentences must be >= 0 (0: all), got {max_sentences}")
+    if not (math.isfinite(character_coverage) and 0.0 < character_coverage <= 1.0):
+        raise BadInputError(f"--character-coverage must be in (0, 1], got {character_coverage}")
+    if num_threads is not None and num_threads < 1:
+        raise BadInputError(f"--threads must be >= 1, got {num_threads}")
     reader = DocumentReader(text_field, text_mode, max_bad_fraction)
+    check_inputs(inputs)
+    new_dirs = check_output_path(model_path)
     docs = reader.iter_documents(inputs)
     if progress:
         docs = tqdm(docs, desc="reading", unit="doc")
+    failed: list[BaseException] = []  # what the sentence iterator raised, re-raised below
+
+    def sentences() -> Iterator[str]:
+        # SentencePiece turns an exception inside the iterator into a RuntimeError holding its
+        # text; keep the original (a BadInputError naming the file) and stop the iteration.
+        try:
+            yield from training_sentences(docs)
+        except Exception as e:
+            failed.append(e)
+
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_sentences(docs),
+            sentence_iterator=sentences(),
             model_writer=model,
             model_type=model_type,
             vocab_size=rounded,
@@ -119,21 +210,51 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
-        if "Vocabulary size" in str(e):
-            raise ValueError(
+        if failed:
+            raise failed[0] from None
+        names = _inputs_named(inputs)
+        if "Vocabulary size too high" in str(e) or "Vocabulary size is smaller" in str(e):
+            raise TokenizerError(
                 f"too little training text for vocab_size {rounded} (asked {vocab_size}, rounded "
-                f"to a multiple of {VOCAB_MULTIPLE}): {e}"
+                f"to a multiple of {VOCAB_MULTIPLE}) in {names}: {_spm_reason(e)}; give more "
+                "text or a smaller --vocab-size"
+            ) from e
+        if "sentences_.empty()" in str(e):
+            raise TokenizerError(
+                f"no training text in {names} (every document empty or skipped as bad); check "
+                "--text-field / --text-mode"
             ) from e
         raise
+    if failed:
+        raise failed[0]
     path = Path(model_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        for d in new_dirs:
+            d.mkdir(exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(model.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        for d in reversed(new_dirs):
+            with contextlib.suppress(OSError):  # not empty: someone else's files, keep them
+                d.rmdir()
+        raise
     return load_tokenizer(path)
+
+
+def _inputs_named(inputs: Sequence[str | os.PathLike]) -> str:
+    names = [str(p) for p in inputs]
+    return names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more inputs"
+
+
+def _spm_reason(e: RuntimeError) -> str:
+    """SentencePiece's message without its source location prefix."""
+    text = str(e).strip().splitlines()[0]
+    return text.rsplit("] ", 1)[-1].rstrip(".")
 
 
 @dataclass(frozen=True)
@@ -180,10 +301,20 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a SentencePiece model; TokenizerError names the file when it is missing, not a
+    SentencePiece model, or lacks the EOS piece the corpus writer appends to every document."""
+    _check_model_file(path)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no tokenizer model (train one with tools/train_tokenizer.py)"
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise TokenizerError(
+            f"{path}: not a SentencePiece model ({_spm_reason(e)}); give the .model file "
+            "tools/train_tokenizer.py wrote"
+        ) from e
+    if sp.eos_id() < 0:
+        raise TokenizerError(
+            f"{path}: SentencePiece model without an EOS piece (eos_id -1); train one with "
+            "tools/train_tokenizer.py"
         )
-    sp = spm.SentencePieceProcessor(model_file=str(path))
     return Tokenizer(path=str(path), sp=sp, fingerprint=fingerprint_file(path))

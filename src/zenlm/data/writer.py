@@ -18,14 +18,22 @@ Invariants:
 - The manifest is written last; its presence means the corpus is complete. A state file records
   each completed shard (name, samples, tokens, sha256) under a key of the inputs and settings; a
   rerun with the same key re-tokenizes but does not rewrite shards whose sha256 still matches.
+- Nothing is lost: every argument, input and the tokenizer are checked before any work; an
+  out_dir holding anything but this same corpus (another key, no state file, other files) is
+  refused; a run that fails removes what it created (shards, temp files, state, directories) and
+  restores the state file it found. Only a killed run leaves a partial corpus, which the same
+  command resumes and any other refuses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
+import re
+import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -37,6 +45,7 @@ from tqdm import tqdm
 
 from zenlm.data.encode import Encoder, encode_in_worker, init_worker
 from zenlm.data.format import (
+    MANIFEST_NAME,
     SPLITS,
     CorpusManifest,
     ShardInfo,
@@ -45,10 +54,26 @@ from zenlm.data.format import (
     write_manifest,
 )
 from zenlm.data.pack import Packer, ShardSink, sample_tar_bytes, sha256_file
-from zenlm.data.readers import DocumentReader
+from zenlm.data.readers import BadInputError, DocumentReader, check_inputs
 from zenlm.data.tokenizer import load_tokenizer
 
 STATE_NAME = ".preprocess-state.json"
+DEFAULT_VALID_FRACTION = 0.01
+"""1% of documents (by hash) for validation, like Megatron's small valid split. A split that
+gets less than one sample is an error (see preprocess_corpus), never a silent empty split."""
+OWN_FILE = re.compile(r"((train|valid)-\d{6}\.tar|manifest\.json|\.preprocess-state\.json)(\.tmp)?")
+"""Names the writer creates in a corpus directory (the only ones a failed run removes)."""
+SETTING_FLAGS = {
+    "tokenizer": "--tokenizer",
+    "seq_len": "--seq-len",
+    "samples_per_shard": "--shard-size-mb",
+    "valid_fraction": "--valid-fraction",
+    "text_field": "--text-field",
+    "text_mode": "--text-mode",
+    "add_bos": "--add-bos",
+    "dtype": "--dtype",
+}
+"""Each setting in the state file, named as the tool's flag (for 'holds another corpus')."""
 POOLS = ("thread", "process")
 CHUNK_CHARS = 1 << 20
 """Characters of text per task given to a worker: large enough to amortize per-task overhead,
@@ -90,8 +115,6 @@ def _encoded(
     pool: str,
 ) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
     """Encoded chunks in input order, by num_workers threads or processes (1: this thread)."""
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if num_workers <= 1:
         encoder = Encoder(model_path, add_bos)
         yield from (encoder(c, valid_fraction) for c in chunks)
@@ -119,33 +142,237 @@ class PreprocessResult:
     bad_records: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
+def _input_files(inputs: Sequence[str | os.PathLike]) -> list[list]:
+    """[absolute path, size, mtime_ns] of every input: the inputs' part of the rerun key."""
+    return [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in inputs]
+
+
 def _settings_key(inputs: Sequence[str | os.PathLike], settings: dict) -> str:
-    files = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in inputs]
-    blob = json.dumps({"inputs": files, **settings}, sort_keys=True)
+    return _key(_input_files(inputs), settings)
+
+
+def _key(files: list[list], settings: dict) -> str:
+    blob = json.dumps({"inputs": [tuple(f) for f in files], **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _load_complete(out_dir: Path, key: str) -> dict[str, ShardInfo]:
-    """Shards recorded complete under the same key whose file still has the recorded sha256."""
+def _read_state(out_dir: Path) -> dict | None:
+    """The state file's content; None when absent, BadInputError when unreadable."""
+    path = out_dir / STATE_NAME
+    if not path.exists():
+        return None
     try:
-        state = json.loads((out_dir / STATE_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if state.get("key") != key:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("shards", []), list):
+            raise ValueError("not a state object")
+        return state
+    except (OSError, ValueError) as e:
+        raise BadInputError(
+            f"--out {out_dir}: its {STATE_NAME} is unreadable ({e}), so this run cannot tell "
+            "whether the directory holds its corpus; pick another --out or delete it yourself"
+        ) from e
+
+
+def _load_complete(out_dir: Path, key: str, state: dict | None = None) -> dict[str, ShardInfo]:
+    """Shards recorded complete under the same key whose file still has the recorded sha256."""
+    if state is None:
+        try:
+            state = _read_state(out_dir)
+        except BadInputError:
+            return {}
+    if state is None or state.get("key") != key:
         return {}
     complete = {}
     for d in state.get("shards", []):
-        info = ShardInfo(**d)
+        try:
+            info = ShardInfo(**d)
+        except TypeError:
+            continue
         path = out_dir / info.path
         if path.is_file() and sha256_file(path) == info.sha256:
             complete[info.path] = info
     return complete
 
 
-def _save_state(out_dir: Path, key: str, shards: list[ShardInfo]) -> None:
+def _save_state(
+    out_dir: Path, key: str, shards: list[ShardInfo], record: dict | None = None
+) -> None:
     tmp = out_dir / (STATE_NAME + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "shards": [asdict(s) for s in shards]}, indent=1))
+    state = {"key": key, **(record or {}), "shards": [asdict(s) for s in shards]}
+    tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, out_dir / STATE_NAME)
+
+
+def _show(setting: str, value) -> str:
+    if setting == "tokenizer":
+        return f"fingerprint {str(value)[:12]}…"
+    if setting == "samples_per_shard":
+        return f"{value} samples per shard"
+    if setting == "add_bos":
+        return "on" if value else "off"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _difference(state: dict, files: list[list], settings: dict) -> str:
+    """What makes the corpus in a directory another one than this run's, in flag terms."""
+    old = state.get("settings")
+    if not isinstance(old, dict):
+        return "made from other inputs or settings"
+    for k, flag in SETTING_FLAGS.items():
+        if old.get(k) != settings.get(k):
+            return f"made with {flag} {_show(k, old.get(k))}, this run has {_show(k, settings[k])}"
+    old_files = state.get("inputs") or []
+    old_paths, new_paths = [f[0] for f in old_files], [f[0] for f in files]
+    if old_paths != new_paths:
+        first = f", the first {old_paths[0]}" if old_paths else ""
+        return f"made from other inputs: {len(old_paths)} files{first}; this run has {len(files)}"
+    for o, n in zip(old_files, files):
+        if list(o) != list(n):
+            return f"input {n[0]} changed since (size or mtime)"
+    return "made from other inputs or settings"
+
+
+def _probe_writable(directory: Path, flag: str, out: Path) -> None:
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise BadInputError(f"{flag} {out}: cannot write in {directory} ({e.strerror})") from e
+
+
+class _OutDir:
+    """The corpus directory of one run: refused unless new, empty or this same corpus; undo()
+    removes what the run created there and puts back the state file it found."""
+
+    def __init__(self, out: Path, key: str, files: list[list], settings: dict):
+        self.out = out
+        self.missing: list[Path] = []  # directories to create, outermost first
+        self.created: list[Path] = []
+        self.before: set[str] = set()
+        self.state: dict | None = None
+        self.state_bytes: bytes | None = None
+        if out.exists() or out.is_symlink():
+            if not out.is_dir():
+                raise BadInputError(
+                    f"--out {out}: exists and is not a directory; pick another --out"
+                )
+            entries = sorted(os.listdir(out))
+            self.state = _read_state(out)
+            if self.state is not None:
+                if self.state.get("key") != key:
+                    raise BadInputError(
+                        f"--out {out}: holds another corpus "
+                        f"({_difference(self.state, files, settings)}); pick another --out, "
+                        "or delete the directory yourself to rebuild it"
+                    )
+                self.state_bytes = (out / STATE_NAME).read_bytes()
+            elif MANIFEST_NAME in entries:
+                raise BadInputError(
+                    f"--out {out}: holds a corpus (manifest.json) without the {STATE_NAME} that "
+                    "would show it is this run's; pick another --out, or delete it yourself"
+                )
+            elif entries:
+                shown = ", ".join(entries[:3]) + (
+                    f", … ({len(entries)} entries)" if len(entries) > 3 else ""
+                )
+                raise BadInputError(
+                    f"--out {out}: directory is not empty ({shown}) and holds no corpus of this "
+                    "run; pick a new or empty directory"
+                )
+            self.before = set(entries)
+            _probe_writable(out, "--out", out)
+        else:
+            parent = out.absolute()
+            while not (parent.exists() or parent.is_symlink()):
+                self.missing.append(parent)
+                parent = parent.parent
+            self.missing.reverse()
+            if not parent.is_dir():
+                raise BadInputError(f"--out {out}: {parent} is a file, not a directory")
+            _probe_writable(parent, "--out", out)
+
+    def create(self) -> None:
+        for d in self.missing:
+            d.mkdir()
+            self.created.append(d)
+
+    def undo(self) -> None:
+        """Remove the files this run created (writer names only) and the directories it made;
+        restore the state file it found. Files that were there before are never deleted."""
+        if not self.out.is_dir():
+            return
+        for name in os.listdir(self.out):
+            if name not in self.before and OWN_FILE.fullmatch(name):
+                (self.out / name).unlink(missing_ok=True)
+        if self.state_bytes is not None:
+            path = self.out / STATE_NAME
+            if not path.is_file() or path.read_bytes() != self.state_bytes:
+                tmp = self.out / (STATE_NAME + ".tmp")
+                tmp.write_bytes(self.state_bytes)
+                os.replace(tmp, path)
+        for d in reversed(self.created):
+            try:
+                d.rmdir()
+            except OSError:  # something else was put there meanwhile: keep it
+                break
+
+
+def _check_arguments(
+    seq_len: int,
+    shard_size_bytes: int,
+    valid_fraction: float,
+    num_workers: int | None,
+    pool: str,
+    chunk_chars: int,
+) -> None:
+    if seq_len < 1:
+        raise BadInputError(f"--seq-len must be >= 1 (tokens per sample), got {seq_len}")
+    if shard_size_bytes <= 0:
+        raise BadInputError(
+            f"--shard-size-mb must be > 0, got {shard_size_bytes / 2**20:.3g} "
+            f"({shard_size_bytes} bytes)"
+        )
+    if not (math.isfinite(valid_fraction) and 0.0 <= valid_fraction < 1.0):
+        raise BadInputError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    if num_workers is not None and num_workers < 1:
+        raise BadInputError(
+            f"--workers must be >= 1 (1 encodes in the calling thread), got {num_workers}"
+        )
+    if pool not in POOLS:
+        raise BadInputError(f"--pool must be one of {POOLS}, got {pool!r}")
+    if chunk_chars < 1:
+        raise BadInputError(f"chunk_chars must be >= 1, got {chunk_chars}")
+
+
+def _check_split_sizes(
+    seq_len: int,
+    valid_fraction: float,
+    samples: list[int],
+    tokens: list[int],
+    docs: list[int],
+) -> None:
+    """A split that would hold no sample is an error (the trainer refuses it), naming why."""
+    need = seq_len + 1
+    total = sum(tokens)
+    if samples[0] == 0:
+        raise BadInputError(
+            f"--seq-len {seq_len} is longer than the corpus: the train split got {tokens[0]} "
+            f"tokens ({docs[0]} documents, EOS included; {total} tokens in all), fewer than one "
+            f"sample of seq_len + 1 = {need}; lower --seq-len or give more input"
+        )
+    if valid_fraction > 0 and samples[1] == 0:
+        enough = 2 * need / max(total, 1)
+        fix = (
+            f"raise --valid-fraction (about {enough:.2g} would give one)"
+            if enough < 0.5
+            else "the input is too small for a valid split"
+        )
+        raise BadInputError(
+            f"--valid-fraction {valid_fraction}: the valid split got {docs[1]} documents, "
+            f"{tokens[1]} tokens, fewer than one sample of seq_len + 1 = {need} (a run with "
+            f"validation on needs one); {fix}, or pass --valid-fraction 0 for a corpus without "
+            "a valid split (train with validation off)"
+        )
 
 
 def preprocess_corpus(
@@ -154,7 +381,7 @@ def preprocess_corpus(
     tokenizer_path: str | os.PathLike,
     seq_len: int,
     shard_size_bytes: int = 256 << 20,
-    valid_fraction: float = 0.0,
+    valid_fraction: float = DEFAULT_VALID_FRACTION,
     text_field: str = "text",
     text_mode: str = "file",
     num_workers: int | None = None,
@@ -166,24 +393,34 @@ def preprocess_corpus(
     progress: bool = True,
 ) -> PreprocessResult:
     """Like preprocess(), returning also what this run wrote and skipped."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    # Everything that can be checked without tokenizing, before anything is written.
+    _check_arguments(seq_len, shard_size_bytes, valid_fraction, num_workers, pool, chunk_chars)
+    reader = DocumentReader(text_field, text_mode, max_bad_fraction)
+    check_inputs(inputs)
     tok = load_tokenizer(tokenizer_path)
-    np_dtype = (
-        dtype_for_vocab(tok.vocab_size) if dtype is None else np.dtype(dtype).newbyteorder("<")
-    )
+    try:
+        np_dtype = (
+            dtype_for_vocab(tok.vocab_size) if dtype is None else np.dtype(dtype).newbyteorder("<")
+        )
+    except TypeError:
+        np_dtype = None
     if np_dtype not in (np.dtype("<u2"), np.dtype("<u4")):
-        raise ValueError(f"dtype must be uint16 or uint32, got {dtype!r}")
+        raise BadInputError(f"--dtype must be uint16 or uint32, got {dtype!r}")
     if tok.vocab_size > np.iinfo(np_dtype).max + 1:
-        raise ValueError(f"dtype {np_dtype} cannot hold vocab_size {tok.vocab_size}")
+        raise BadInputError(
+            f"--dtype {np_dtype.name} cannot hold the ids of {tokenizer_path} "
+            f"(vocab_size {tok.vocab_size}); use --dtype uint32"
+        )
     tokens_per_sample = seq_len + 1
-    samples_per_shard = max(
-        1, shard_size_bytes // sample_tar_bytes(tokens_per_sample, np_dtype.itemsize)
-    )
+    sample_bytes = sample_tar_bytes(tokens_per_sample, np_dtype.itemsize)
+    if shard_size_bytes < sample_bytes:
+        raise BadInputError(
+            f"--shard-size-mb {shard_size_bytes / 2**20:.3g} is smaller than one sample "
+            f"({sample_bytes} tar bytes = {sample_bytes / 2**20:.4g} MiB at --seq-len {seq_len}, "
+            f"{np_dtype.name}); give a shard room for many samples (default 256)"
+        )
+    samples_per_shard = shard_size_bytes // sample_bytes
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings = dict(
         tokenizer=tok.fingerprint,
         seq_len=seq_len,
@@ -194,8 +431,33 @@ def preprocess_corpus(
         add_bos=add_bos,
         dtype=np_dtype.str,
     )
-    key = _settings_key(inputs, settings)
-    complete = _load_complete(out, key)
+    files = _input_files(inputs)
+    key = _key(files, settings)
+    target = _OutDir(out, key, files, settings)  # refuses another corpus, other files
+    record = {"inputs": files, "settings": settings}
+    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+    target.create()
+    sinks: list[ShardSink] = []
+    try:
+        result = _run(
+            inputs, out, tok, key, record, target.state, reader, settings, sinks,
+            add_bos, workers, pool, chunk_chars, progress,
+        )  # fmt: skip
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        target.undo()
+        raise
+    return result
+
+
+def _run(
+    inputs, out, tok, key, record, state, reader, settings, sinks,
+    add_bos, workers, pool, chunk_chars, progress,
+) -> PreprocessResult:  # fmt: skip
+    seq_len, valid_fraction = settings["seq_len"], settings["valid_fraction"]
+    np_dtype = np.dtype(settings["dtype"])
+    complete = _load_complete(out, key, state)
     done: list[ShardInfo] = []  # completed shards of both splits, in completion order
     written = [0]
 
@@ -203,24 +465,33 @@ def preprocess_corpus(
         done.append(info)
         if not skipped:
             written[0] += 1
-            _save_state(out, key, done)  # after the rename: the state never lists a partial shard
+            # after the rename: the state never lists a partial shard
+            _save_state(out, key, done, record)
 
-    packers = [Packer(tokens_per_sample) for _ in SPLITS]
-    sinks = [ShardSink(out, s, samples_per_shard, np_dtype, complete, on_shard) for s in SPLITS]
+    packers = [Packer(seq_len + 1) for _ in SPLITS]
+    spp = settings["samples_per_shard"]
+    sinks += [ShardSink(out, s, spp, np_dtype, complete, on_shard) for s in SPLITS]
     docs_per_split = [0] * len(SPLITS)
-    reader = DocumentReader(text_field, text_mode, max_bad_fraction)
+    tokens_per_split = [0] * len(SPLITS)
     chunks = _chunks(reader.iter_documents(inputs), chunk_chars)
     bar = tqdm(desc="preprocess", unit="tok", unit_scale=True, disable=not progress)
-    workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
-    for encoded in _encoded(chunks, tok.path, add_bos, valid_fraction, workers, pool):
-        for s, (flat, lens) in enumerate(encoded):
-            docs_per_split[s] += len(lens)
-            for sample, starts in packers[s].add(flat, lens):
-                sinks[s].write(sample, starts)
-            bar.update(len(flat))
+    encoded_chunks = _encoded(chunks, tok.path, add_bos, valid_fraction, workers, pool)
+    try:
+        for encoded in encoded_chunks:
+            for s, (flat, lens) in enumerate(encoded):
+                docs_per_split[s] += len(lens)
+                tokens_per_split[s] += len(flat)
+                for sample, starts in packers[s].add(flat, lens):
+                    sinks[s].write(sample, starts)
+                bar.update(len(flat))
+    finally:
+        encoded_chunks.close()  # shuts the worker pool down, also on an error
+        bar.close()
     for sink in sinks:
         sink.close()
-    bar.close()
+    _check_split_sizes(
+        seq_len, valid_fraction, [k.samples for k in sinks], tokens_per_split, docs_per_split
+    )
 
     splits = {s: SplitInfo([i for i in done if i.path.startswith(s + "-")]) for s in SPLITS}
     stats = {
@@ -252,16 +523,18 @@ def preprocess(
     tokenizer_path: str | os.PathLike,
     seq_len: int,
     shard_size_bytes: int = 256 << 20,
-    valid_fraction: float = 0.0,
+    valid_fraction: float = DEFAULT_VALID_FRACTION,
     text_field: str = "text",
     num_workers: int | None = None,
     **kwargs,
 ) -> CorpusManifest:
     """Tokenize, pack and shard `inputs` into a corpus at out_dir (see module docstring).
 
-    num_workers=None uses every core; 0 or 1 encodes in the calling thread. Other keyword
-    arguments (text_mode, pool, add_bos, dtype, max_bad_fraction, chunk_chars, progress) go to
-    preprocess_corpus.
+    num_workers=None uses every core; 1 encodes in the calling thread. Other keyword arguments
+    (text_mode, pool, add_bos, dtype, max_bad_fraction, chunk_chars, progress) go to
+    preprocess_corpus. Bad arguments, inputs, tokenizer or out_dir raise BadInputError /
+    TokenizerError (zenlm.errors.ZenlmError) naming the culprit, before any work; a failed run
+    leaves out_dir as it found it.
     """
     return preprocess_corpus(
         inputs,
