@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import tarfile
 
 import numpy as np
@@ -143,3 +144,66 @@ def test_pax_shard_falls_back_to_tarfile(corpus):
     loader = build_train_loader([(corpus, 1.0)], SEQ, 75, 75, 0, 1)
     ids = sample_identity(next(loader)["input_ids"])[:, 0]
     np.testing.assert_array_equal(np.sort(ids), np.arange(75))
+
+
+# ---------------------------------------------------------------- shard content, verify on/off
+
+
+def test_random_bytes_shard_named(corpus):
+    path = shard(corpus)
+    size = path.stat().st_size
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, size, np.uint8).tobytes())
+    with pytest.raises(CorpusError, match=re.escape(f"{path}: corrupt tar header")):
+        read_epoch(corpus)
+
+
+@pytest.mark.parametrize("seq_len", [SEQ, 600])  # record padding hides the size; or it does not
+def test_edited_manifest_dtype_is_a_record_size_mismatch(tmp_path, seq_len):
+    write_corpus(tmp_path / "c", [6, 6], seq_len=seq_len)
+    m = fmt.load_manifest(tmp_path / "c")
+    m.dtype = "<u4"  # was '<u2'
+    fmt.write_manifest(tmp_path / "c", m)
+    with pytest.raises(CorpusError) as err:
+        next(build_train_loader([(tmp_path / "c", 1.0)], seq_len, 4, 4, 0, 1))
+    msg = str(err.value)
+    assert re.search(r"train-00000[01]\.tar: token record", msg), msg  # shuffled: either one
+    assert "manifest's seq_len and dtype" in msg, msg
+    assert "truncated" not in msg
+
+
+def copy_layout_twin(corpus, tmp_path, i=1):
+    """Shard i replaced by the same-shaped shard of another corpus (other tag: other ids)."""
+    write_corpus(tmp_path / "twin", [20, 30, 25], seq_len=SEQ, tag=7)
+    shutil.copy(tmp_path / "twin" / fmt.shard_name("train", i), shard(corpus, i))
+
+
+def test_shard_from_another_corpus_caught_with_verify(corpus, tmp_path):
+    copy_layout_twin(corpus, tmp_path)
+    read_epoch(corpus)  # same keys, sizes and count: only the checksum can tell
+    with pytest.raises(CorpusError, match=re.escape(f"{shard(corpus)}: sha256 ")):
+        read_epoch(corpus, verify_checksums=True)
+
+
+@pytest.mark.parametrize("value", [b"\x05\x00", b"\xff\xff"])  # inside the vocab; beyond it
+def test_bit_flipped_token_ids_caught_with_verify(corpus, value):
+    path = shard(corpus, 2)
+    with tarfile.open(path) as tf:
+        at = next(m for m in tf.getmembers() if m.name.endswith(".tokens")).offset_data + 10
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(value)
+    with pytest.raises(CorpusError, match=re.escape(f"{path}: sha256 ")):
+        read_epoch(corpus, verify_checksums=True)
+    if value == b"\xff\xff":  # without verification the vocabulary check still names it
+        with pytest.raises(CorpusError, match=re.escape(f"{path}: token id >= vocab_size")):
+            read_epoch(corpus)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_verify_checksums_in_loader_workers(corpus, workers):
+    path = shard(corpus, 0)
+    with open(path, "r+b") as f:
+        f.seek(2048)
+        f.write(b"\x01\x02\x03")
+    with pytest.raises(CorpusError, match=re.escape(f"{path}: sha256 ")):
+        read_epoch(corpus, workers, verify_checksums=True)

@@ -20,6 +20,7 @@ import hashlib
 import os
 import tarfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,16 +61,61 @@ MAX_GAP_BYTES = 65536
 
 
 def check_shard_file(spec: ShardSpec) -> None:
-    """Cheap start-up check (one stat): present and not obviously truncated."""
+    """Cheap start-up check (one stat): present and not obviously truncated.
+
+    A file too small for the manifest's samples gets one more read (its first header) to tell
+    a truncated shard from one whose records are another size than the manifest's dtype and
+    seq_len make (an edited manifest, or a shard of another corpus)."""
     try:
         size = os.stat(spec.path).st_size
     except OSError as e:
         raise CorpusError(f"{spec.path}: shard missing or unreadable ({e.strerror})") from e
     if size < spec.min_file_bytes():
+        first = _first_members(spec.path, 2)
+        for name, _, n in first:
+            if name.endswith("." + fmt.TOKENS_EXT):
+                _check_record_size(spec, name, n)
+        if not first and size >= HEADER_BYTES:
+            raise CorpusError(_bad_header(spec.path, 0))
         raise CorpusError(
             f"{spec.path}: shard truncated: {size} bytes, but {spec.samples} samples need at least "
             f"{spec.min_file_bytes()}"
         )
+
+
+def record_size_error(spec: ShardSpec, name: str, size: int) -> CorpusError:
+    return CorpusError(
+        f"{spec.path}: token record {name} has {size} bytes, but the manifest's seq_len and dtype "
+        f"make {spec.token_bytes} bytes per sample (seq_len + 1 ids x itemsize): the manifest "
+        "was edited or the shard is from another corpus; re-run tools/preprocess.py"
+    )
+
+
+def _check_record_size(spec: ShardSpec, name: str, size: int) -> None:
+    if size != spec.token_bytes:
+        raise record_size_error(spec, name, size)
+
+
+def _first_members(path: str, count: int) -> list[Member]:
+    """Up to `count` members from the first headers, as long as they are valid plain ustar."""
+    out: list[Member] = []
+    try:
+        with open(path, "rb") as f:
+            off = 0
+            while len(out) < count:
+                f.seek(off)
+                buf = f.read(HEADER_BYTES)
+                if len(buf) < HEADER_BYTES or buf[257:262] != b"ustar":
+                    break
+                if _first_bad_checksum([buf]) >= 0:
+                    break
+                size = _octal(buf[124:136])
+                name = buf[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                out.append((name, off + HEADER_BYTES, size))
+                off += HEADER_BYTES + -(-size // HEADER_BYTES) * HEADER_BYTES
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 def _first_bad_checksum(headers: list[bytes]) -> int:
@@ -81,13 +127,21 @@ def _first_bad_checksum(headers: list[bytes]) -> int:
     unsigned = u.sum(1, dtype=np.int64) - u[:, 148:156].sum(1, dtype=np.int64) + blank
     i8 = u.view(np.int8)
     signed = i8.sum(1, dtype=np.int64) - i8[:, 148:156].sum(1, dtype=np.int64) + blank
-    stored = np.array([_octal(h[148:156]) for h in headers], np.int64)
+    stored = np.array([_octal_or(h[148:156], -1) for h in headers], np.int64)
     bad = np.flatnonzero((stored != unsigned) & (stored != signed))
     return int(bad[0]) if len(bad) else -1
 
 
 def _octal(field: bytes) -> int:
+    """A tar header's octal number field; ValueError when it is not one."""
     return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _octal_or(field: bytes, default: int) -> int:
+    try:
+        return _octal(field)
+    except ValueError:
+        return default
 
 
 def _scan_plain_ustar(fd: int, size: int, path: str) -> list[Member] | None:
@@ -110,7 +164,7 @@ def _scan_plain_ustar(fd: int, size: int, path: str) -> list[Member] | None:
             bad = _first_bad_checksum([*headers, buf])
             if bad >= 0:
                 at = members[bad][1] - HEADER_BYTES if bad < len(members) else off
-                raise CorpusError(f"{path}: corrupt tar header (bad checksum) at byte {at}")
+                raise CorpusError(_bad_header(path, at))
             return None
         try:
             n = _octal(buf[124:136])
@@ -123,17 +177,23 @@ def _scan_plain_ustar(fd: int, size: int, path: str) -> list[Member] | None:
         off += HEADER_BYTES + -(-n // HEADER_BYTES) * HEADER_BYTES
     bad = _first_bad_checksum(headers)
     if bad >= 0:
-        raise CorpusError(
-            f"{path}: corrupt tar header (bad checksum) at byte {members[bad][1] - HEADER_BYTES}"
-        )
+        raise CorpusError(_bad_header(path, members[bad][1] - HEADER_BYTES))
     return members
+
+
+def _bad_header(path: str, at: int) -> str:
+    hint = " (not a tar file at all?)" if at == 0 else ""
+    return (
+        f"{path}: corrupt tar header (bad checksum) at byte {at}{hint}; the shard is damaged or "
+        "was replaced: restore it or re-run tools/preprocess.py into a new directory"
+    )
 
 
 def _scan_tarfile(fd: int, path: str) -> list[Member]:
     try:
         with os.fdopen(os.dup(fd), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
             listed = [(info.name, info.offset_data, info.size, info.isfile()) for info in tf]
-    except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as e:
+    except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, ValueError) as e:
         raise CorpusError(f"{path}: corrupt tar shard ({type(e).__name__}: {e})") from e
     for name, _, _, isfile in listed:
         if not isfile:
@@ -150,7 +210,8 @@ def build_index(spec: ShardSpec, fd: int, verify_checksums: bool) -> list[Span]:
         if digest != spec.sha256:
             raise CorpusError(
                 f"{spec.path}: sha256 {digest[:16]}… does not match the manifest's "
-                f"{spec.sha256[:16]}… (shard corrupt or replaced)"
+                f"{spec.sha256[:16]}… (shard corrupt, or replaced by another corpus's); restore "
+                "it or re-run tools/preprocess.py into a new directory"
             )
     listed = _scan_plain_ustar(fd, size, spec.path)
     if listed is None:
@@ -169,9 +230,7 @@ def group_samples(spec: ShardSpec, listed: list[Member], size: int) -> list[Span
             raise CorpusError(f"{spec.path}: sample {key} has members {sorted(members)}")
         (t_off, t_len), (d_off, d_len) = members[fmt.TOKENS_EXT], members[fmt.DOCSTARTS_EXT]
         if t_len != spec.token_bytes:
-            raise CorpusError(
-                f"{spec.path}: {key}.tokens has {t_len} bytes, not {spec.token_bytes}"
-            )
+            raise record_size_error(spec, f"{key}.tokens", t_len)
         if d_len % 4:
             raise CorpusError(
                 f"{spec.path}: {key}.docstarts has {d_len} bytes, not a multiple of 4"
@@ -190,11 +249,11 @@ def group_samples(spec: ShardSpec, listed: list[Member], size: int) -> list[Span
             )
         if stem != key:
             if not members:
-                raise CorpusError(f"{spec.path}: member {name!r} where key {key} was expected")
+                raise CorpusError(_wrong_key(spec, name, key))
             close_sample()
             key = fmt.sample_key(spec.first_key + len(spans))
             if stem != key:
-                raise CorpusError(f"{spec.path}: member {name!r} where key {key} was expected")
+                raise CorpusError(_wrong_key(spec, name, key))
         if ext in members:
             raise CorpusError(f"{spec.path}: duplicate member {name!r}")
         members[ext] = (offset, n)
@@ -206,6 +265,116 @@ def group_samples(spec: ShardSpec, listed: list[Member], size: int) -> list[Span
             f"{spec.samples} (truncated or corrupt tar)"
         )
     return spans
+
+
+HASH_BLOCK = 8 << 20
+
+
+def shard_sha256(path: str, on_bytes: Callable[[int], None] | None = None) -> str:
+    """sha256 of a whole shard, read in 8 MiB blocks (on_bytes(n) after each, for progress)."""
+    return _read_hashed(path, on_bytes, keep=False)[0]
+
+
+def _read_hashed(
+    path: str, on_bytes: Callable[[int], None] | None, keep: bool
+) -> tuple[str, bytearray | None]:
+    """(sha256, the file's bytes when keep) from one sequential read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = bytearray(size) if keep else None
+        buf = memoryview(data) if keep else memoryview(bytearray(HASH_BLOCK))
+        off = 0
+        while True:
+            block = buf[off : off + HASH_BLOCK] if keep else buf
+            n = f.readinto(block) if len(block) else 0
+            if not n:
+                break
+            h.update(block[:n])
+            off += n
+            if on_bytes is not None:
+                on_bytes(n)
+    if keep and off != size:
+        raise CorpusError(f"{path}: shard changed size while being read")
+    return h.hexdigest(), data
+
+
+def verify_shard(
+    spec: ShardSpec,
+    dtype: str,
+    vocab_size: int,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Check one shard completely (what tools/verify_corpus.py runs per shard); returns its
+    tokens. Raises CorpusError naming the shard at the first problem: missing or truncated
+    file, tar structure and member names/sizes/count (build_index), a token id >= vocab_size,
+    a doc start outside [1, seq_len] or not increasing, and the sha256 against the manifest
+    (checked last, so a structural problem gets its own message). Reads the file once, into
+    memory (a shard's size)."""
+    check_shard_file(spec)
+    try:
+        digest, data = _read_hashed(spec.path, on_bytes, keep=True)
+        fd = os.open(spec.path, os.O_RDONLY)
+    except OSError as e:
+        raise CorpusError(f"{spec.path}: shard unreadable ({e.strerror})") from e
+    try:
+        spans = build_index(spec, fd, verify_checksums=False)
+    finally:
+        os.close(fd)
+    _check_records(spec, np.dtype(dtype), vocab_size, spans, data)
+    if digest != spec.sha256:
+        raise CorpusError(
+            f"{spec.path}: sha256 {digest[:16]}… does not match the manifest's "
+            f"{spec.sha256[:16]}… (bytes changed, or the shard was replaced by another "
+            "corpus's); restore it or re-run tools/preprocess.py into a new directory"
+        )
+    return len(spans) * (spec.token_bytes // np.dtype(dtype).itemsize)
+
+
+def _check_records(
+    spec: ShardSpec, dtype: np.dtype, vocab_size: int, spans: list[Span], data
+) -> None:
+    n_tok = spec.token_bytes // dtype.itemsize
+    seq_len = n_tok - 1
+    if not spans:
+        return
+    tokens = np.empty((len(spans), n_tok), dtype)
+    starts: list[np.ndarray] = []
+    rows: list[int] = []
+    for i, (off, _, t_rel, d_rel, d_len) in enumerate(spans):
+        tokens[i] = np.frombuffer(data, dtype, n_tok, off + t_rel)
+        if d_len:
+            starts.append(np.frombuffer(data, "<u4", d_len // 4, off + d_rel))
+            rows.append(i)
+    if int(tokens.max()) >= vocab_size:
+        row, col = np.unravel_index(int(np.argmax(tokens >= vocab_size)), tokens.shape)
+        raise CorpusError(
+            f"{spec.path}: sample {fmt.sample_key(spec.first_key + int(row))} token {int(col)} "
+            f"is id {int(tokens[row, col])}, not below the manifest's vocab_size {vocab_size} "
+            "(corrupt data, or a shard of a corpus with another tokenizer)"
+        )
+    if not starts:
+        return
+    ds = np.concatenate(starts).astype(np.int64)
+    which = np.repeat(rows, [len(d) for d in starts])
+    bad = (ds < 1) | (ds > seq_len)
+    same_row = which[1:] == which[:-1]
+    unordered = np.flatnonzero(same_row & (ds[1:] <= ds[:-1]))
+    if bad.any() or len(unordered):
+        i = int(np.argmax(bad)) if bad.any() else int(unordered[0]) + 1
+        what = f"outside [1, {seq_len}]" if bad[i] else "not after the previous one"
+        raise CorpusError(
+            f"{spec.path}: sample {fmt.sample_key(spec.first_key + int(which[i]))} has doc "
+            f"start {int(ds[i])} {what} (corrupt docstarts record)"
+        )
+
+
+def _wrong_key(spec: ShardSpec, name: str, key: str) -> str:
+    return (
+        f"{spec.path}: member {name!r} where key {key} was expected: not the shard the manifest "
+        "lists at this place (copied from another shard or corpus?); restore it or re-run "
+        "tools/preprocess.py into a new directory"
+    )
 
 
 class ShardCache:

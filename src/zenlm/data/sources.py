@@ -69,7 +69,14 @@ def open_corpora(
                 f"{where}: corpus seq_len is {manifest.seq_len}, the run uses {seq_len}"
             )
         if manifest.dtype not in ("<u2", "<u4"):
-            raise CorpusError(f"{where}: unsupported token dtype {manifest.dtype!r}")
+            raise CorpusError(
+                f"{where}: unsupported token dtype {manifest.dtype!r} (expected '<u2' or '<u4')"
+            )
+        if manifest.tokenizer.vocab_size > np.iinfo(np.dtype(manifest.dtype)).max + 1:
+            raise CorpusError(
+                f"{where}: vocab_size {manifest.tokenizer.vocab_size} does not fit token dtype "
+                f"{manifest.dtype!r} (manifest edited?)"
+            )
         info = manifest.splits.get(split)
         if info is None or info.samples == 0:
             raise CorpusError(f"{where}: corpus has no {split!r} samples")
@@ -157,7 +164,10 @@ class SampleSource:
         V = self.vocab_size
         if max(int(input_ids.max()), int(labels[:, -1].max())) >= V:
             row = int(np.argmax((input_ids >= V).any(1) | (labels >= V).any(1)))
-            raise CorpusError(f"{where[row]}: token id >= vocab_size {V} (corrupt data)")
+            raise CorpusError(
+                f"{where[row]}: token id >= vocab_size {V} (corrupt data); "
+                "tools/verify_corpus.py lists every bad shard"
+            )
 
     def _segments(
         self, count: int, doc_starts: list[np.ndarray], doc_rows: list[int], where: list[str]
