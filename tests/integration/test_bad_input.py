@@ -382,3 +382,34 @@ def test_resume_none_starts_over_and_keeps_old_checkpoints(world: World, tmp_pat
         assert snapshot(kept) == {str(kept / Path(p).name): h for p, h in files.items()}
     assert (ckpts / "step_00000004" / "meta.json").is_file()  # the new run's
     assert not (ckpts / "step_00000002").exists()  # the new run's own, pruned by keep_last=1
+
+
+def test_torchrun_prints_a_shared_error_once(world: World) -> None:
+    """Two ranks under torchrun, one bad value: one `error:` line in all the output (rank 0's),
+    not one per rank; the exit is non-zero."""
+    import subprocess
+    import sys
+
+    from zenlm.testing.distributed import cpu_env
+
+    args = world.train_args("optim.min_lr=0.1")
+    before = snapshot(world.root)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *args],
+        cwd=Path(__file__).resolve().parents[2],
+        env=cpu_env(2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode != 0
+    assert lines == ["error: optim.min_lr (0.1) must be in [0, optim.lr = 0.003]: it is the floor "
+                     "the schedule decays to"], out[-3000:]  # fmt: skip
+    # torchrun adds its own ChildFailedError summary (a launcher traceback); no frame of ours.
+    ours = [ln for ln in out.splitlines() if ln.strip().startswith('File "') and (
+        "/zenlm/" in ln or "launch/train.py" in ln)]  # fmt: skip
+    assert ours == [], out[-3000:]
+    assert changed(before, world.root) == []
