@@ -6,15 +6,19 @@ starts and sha256 against the manifest.
 Prints a summary per split and exits 0 when everything is sound; otherwise one
 `error: <shard>: <what is wrong>` line for the first bad shard and exit code 2 (`--all` checks
 every shard, lists each bad one on stderr as `bad: ...`, and ends with one `error:` line that
-counts them). It reads every byte once; see docs/data.md for what it costs.
+counts them). It reads every byte once; `--workers N` checks N shards at a time (processes).
+See docs/data.md for what it costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +26,8 @@ from tqdm import tqdm
 
 from zenlm.data import format as fmt
 from zenlm.data.format import CorpusError
-from zenlm.data.readers import ToolArgumentParser
-from zenlm.data.shards import ShardSpec, verify_shard
+from zenlm.data.readers import BadInputError, ToolArgumentParser
+from zenlm.data.shards import ShardSpec, verify_shard_job
 from zenlm.runtime.cli import run_tool
 
 
@@ -39,8 +43,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tokenizer", help="also require the manifest's tokenizer fingerprint to be this model's"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="shards checked at a time, one process each (default 1)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def _results(jobs: list[tuple[ShardSpec, str, int]], workers: int) -> Iterator[tuple[int, str]]:
+    """verify_shard_job of every job, in job order (so 'the first bad shard' is the manifest's first)."""
+    if workers <= 1:
+        yield from map(verify_shard_job, jobs)
+        return
+    with ProcessPoolExecutor(workers, mp.get_context("spawn")) as ex:
+        try:
+            yield from ex.map(verify_shard_job, jobs)
+        finally:
+            ex.shutdown(cancel_futures=True)
 
 
 def check_manifest(corpus: Path, m: fmt.CorpusManifest, fingerprint: str | None) -> None:
@@ -88,6 +110,8 @@ def _size(path: str) -> int:
 
 
 def _main(a: argparse.Namespace) -> int:
+    if a.workers < 1:
+        raise BadInputError(f"--workers must be >= 1, got {a.workers}")
     fingerprint = None
     if a.tokenizer:
         from zenlm.data.tokenizer import fingerprint_file
@@ -104,9 +128,15 @@ def _main(a: argparse.Namespace) -> int:
         plans.append((corpus, m, {s: shard_specs(corpus, m, s) for s in splits}))
 
     total = sum(_size(sp.path) for _, _, by in plans for specs in by.values() for sp in specs)
+    jobs = [
+        (spec, m.dtype, m.tokenizer.vocab_size)
+        for _, m, by in plans
+        for specs in by.values()
+        for spec in specs
+    ]
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=a.no_progress)
     bad: list[str] = []
-    shards = 0
+    results = _results(jobs, a.workers)
     start = time.perf_counter()
     try:
         for corpus, m, by_split in plans:
@@ -117,21 +147,23 @@ def _main(a: argparse.Namespace) -> int:
             for split, specs in by_split.items():
                 n_bad, tokens = len(bad), 0
                 for spec in specs:
-                    shards += 1
-                    try:
-                        tokens += verify_shard(spec, m.dtype, m.tokenizer.vocab_size, bar.update)
-                    except CorpusError as e:
+                    n, error = next(results)
+                    bar.update(_size(spec.path))
+                    tokens += n
+                    if error is not None:
                         if not a.all:
-                            raise
-                        bad.append(str(e))
-                        bar.write(f"bad: {e}", file=sys.stderr)
+                            raise CorpusError(error)
+                        bad.append(error)
+                        bar.write(f"bad: {error}", file=sys.stderr)
                 samples = sum(sp.samples for sp in specs)
                 verdict = "ok" if len(bad) == n_bad else f"{len(bad) - n_bad} bad shards"
                 print(
                     f"  {split}: {len(specs)} shards, {samples} samples, {tokens} tokens: {verdict}"
                 )
     finally:
+        results.close()
         bar.close()
+    shards = len(jobs)
     seconds = time.perf_counter() - start
     print(
         f"verified {len(plans)} corpora, {shards} shards, {total / 1e6:.1f} MB in {seconds:.1f} s"

@@ -127,7 +127,12 @@ def _first_bad_checksum(headers: list[bytes]) -> int:
     unsigned = u.sum(1, dtype=np.int64) - u[:, 148:156].sum(1, dtype=np.int64) + blank
     i8 = u.view(np.int8)
     signed = i8.sum(1, dtype=np.int64) - i8[:, 148:156].sum(1, dtype=np.int64) + blank
-    stored = np.array([_octal_or(h[148:156], -1) for h in headers], np.int64)
+    field = u[:, 148:156]
+    if ((field[:, :6] >= 48) & (field[:, :6] <= 55)).all() and (field[:, 6] == 0).all():
+        # every field as tarfile writes it, "%06o\0 ": parse all at once
+        stored = (field[:, :6].astype(np.int64) - 48) @ (8 ** np.arange(5, -1, -1))
+    else:
+        stored = np.array([_octal_or(h[148:156], -1) for h in headers], np.int64)
     bad = np.flatnonzero((stored != unsigned) & (stored != signed))
     return int(bad[0]) if len(bad) else -1
 
@@ -144,7 +149,9 @@ def _octal_or(field: bytes, default: int) -> int:
         return default
 
 
-def _scan_plain_ustar(fd: int, size: int, path: str) -> list[Member] | None:
+def _scan_plain_ustar(
+    fd: int, size: int, path: str, data: memoryview | None = None
+) -> list[Member] | None:
     """Members of a tar whose headers are all plain ustar regular files, or None for others.
 
     tarfile's header parsing costs about as much as streaming the whole shard, so this reads
@@ -156,7 +163,11 @@ def _scan_plain_ustar(fd: int, size: int, path: str) -> list[Member] | None:
     headers: list[bytes] = []
     off = 0
     while off + HEADER_BYTES <= size:
-        buf = os.pread(fd, HEADER_BYTES, off)
+        buf = (
+            os.pread(fd, HEADER_BYTES, off)
+            if data is None
+            else bytes(data[off : off + HEADER_BYTES])
+        )
         if buf == _ZERO_BLOCK:
             break
         plain = buf[156] in (0, 0x30) and buf[257:262] == b"ustar" and buf[345] == 0
@@ -166,9 +177,8 @@ def _scan_plain_ustar(fd: int, size: int, path: str) -> list[Member] | None:
                 at = members[bad][1] - HEADER_BYTES if bad < len(members) else off
                 raise CorpusError(_bad_header(path, at))
             return None
-        try:
+        try:  # (an unparsable checksum field fails the checksum pass below)
             n = _octal(buf[124:136])
-            _octal(buf[148:156])
         except ValueError:
             raise CorpusError(f"{path}: corrupt tar header at byte {off}") from None
         name = buf[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -201,8 +211,12 @@ def _scan_tarfile(fd: int, path: str) -> list[Member]:
     return [m[:3] for m in listed]
 
 
-def build_index(spec: ShardSpec, fd: int, verify_checksums: bool) -> list[Span]:
-    """List every sample's byte span, verifying the shard against `spec` (see module doc)."""
+def build_index(
+    spec: ShardSpec, fd: int, verify_checksums: bool, data: memoryview | None = None
+) -> list[Span]:
+    """List every sample's byte span, verifying the shard against `spec` (see module doc).
+
+    `data`, the whole file already in memory (verify_shard), saves the header reads."""
     size = os.fstat(fd).st_size
     if verify_checksums:
         with open(spec.path, "rb") as f:
@@ -213,7 +227,7 @@ def build_index(spec: ShardSpec, fd: int, verify_checksums: bool) -> list[Span]:
                 f"{spec.sha256[:16]}… (shard corrupt, or replaced by another corpus's); restore "
                 "it or re-run tools/preprocess.py into a new directory"
             )
-    listed = _scan_plain_ustar(fd, size, spec.path)
+    listed = _scan_plain_ustar(fd, size, spec.path, data)
     if listed is None:
         listed = _scan_tarfile(fd, spec.path)
     return group_samples(spec, listed, size)
@@ -318,7 +332,7 @@ def verify_shard(
     except OSError as e:
         raise CorpusError(f"{spec.path}: shard unreadable ({e.strerror})") from e
     try:
-        spans = build_index(spec, fd, verify_checksums=False)
+        spans = build_index(spec, fd, verify_checksums=False, data=memoryview(data))
     finally:
         os.close(fd)
     _check_records(spec, np.dtype(dtype), vocab_size, spans, data)
@@ -331,32 +345,53 @@ def verify_shard(
     return len(spans) * (spec.token_bytes // np.dtype(dtype).itemsize)
 
 
+def verify_shard_job(job: tuple[ShardSpec, str, int]) -> tuple[int, str | None]:
+    """verify_shard(*job) as (tokens, None) or (0, the error message), for worker processes
+    (tools/verify_corpus.py --workers)."""
+    try:
+        return verify_shard(*job), None
+    except CorpusError as e:
+        return 0, str(e)
+
+
 def _check_records(
-    spec: ShardSpec, dtype: np.dtype, vocab_size: int, spans: list[Span], data
+    spec: ShardSpec, dtype: np.dtype, vocab_size: int, spans: list[Span], data: bytearray
 ) -> None:
-    n_tok = spec.token_bytes // dtype.itemsize
-    seq_len = n_tok - 1
+    """Every token id < vocab_size and every doc start in [1, seq_len], increasing per sample.
+
+    Vectorised over the whole shard: tar data starts on 512-byte blocks, so every record is
+    aligned to its item size and the file can be viewed as one array of ids; the per-sample
+    maxima are one np.maximum.reduceat over [start, end) pairs."""
     if not spans:
         return
-    tokens = np.empty((len(spans), n_tok), dtype)
-    starts: list[np.ndarray] = []
-    rows: list[int] = []
-    for i, (off, _, t_rel, d_rel, d_len) in enumerate(spans):
-        tokens[i] = np.frombuffer(data, dtype, n_tok, off + t_rel)
-        if d_len:
-            starts.append(np.frombuffer(data, "<u4", d_len // 4, off + d_rel))
-            rows.append(i)
-    if int(tokens.max()) >= vocab_size:
-        row, col = np.unravel_index(int(np.argmax(tokens >= vocab_size)), tokens.shape)
+    n_tok = spec.token_bytes // dtype.itemsize
+    seq_len = n_tok - 1
+    sp = np.array(spans, np.int64)  # (off, length, t_rel, d_rel, d_len) per sample
+    t_off, d_off, d_len = sp[:, 0] + sp[:, 2], sp[:, 0] + sp[:, 3], sp[:, 4]
+    if (t_off % dtype.itemsize).any() or (d_off[d_len > 0] % 4).any():
+        raise CorpusError(f"{spec.path}: tar members not on block boundaries (not a tar file?)")
+    ids = np.frombuffer(data, dtype, len(data) // dtype.itemsize)
+    first = t_off // dtype.itemsize
+    bounds = np.stack([first, first + n_tok], 1).ravel()
+    if bounds[-1] == len(ids):  # reduceat needs indices < len: the last sample ends the file
+        ids = np.concatenate([ids, np.zeros(1, dtype)])
+    row_max = np.maximum.reduceat(ids, bounds)[0::2]
+    if int(row_max.max()) >= vocab_size:
+        row = int(np.argmax(row_max >= vocab_size))
+        tokens = ids[first[row] : first[row] + n_tok]
+        col = int(np.argmax(tokens >= vocab_size))
         raise CorpusError(
-            f"{spec.path}: sample {fmt.sample_key(spec.first_key + int(row))} token {int(col)} "
-            f"is id {int(tokens[row, col])}, not below the manifest's vocab_size {vocab_size} "
-            "(corrupt data, or a shard of a corpus with another tokenizer)"
+            f"{spec.path}: sample {fmt.sample_key(spec.first_key + row)} token {col} is id "
+            f"{int(tokens[col])}, not below the manifest's vocab_size {vocab_size} (corrupt "
+            "data, or a shard of a corpus with another tokenizer)"
         )
-    if not starts:
+    counts = d_len // 4
+    if not counts.any():
         return
-    ds = np.concatenate(starts).astype(np.int64)
-    which = np.repeat(rows, [len(d) for d in starts])
+    words = np.frombuffer(data, "<u4", len(data) // 4)
+    which = np.repeat(np.arange(len(spans)), counts)
+    within = np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)
+    ds = words[np.repeat(d_off // 4, counts) + within].astype(np.int64)
     bad = (ds < 1) | (ds > seq_len)
     same_row = which[1:] == which[:-1]
     unordered = np.flatnonzero(same_row & (ds[1:] <= ds[:-1]))
