@@ -207,3 +207,10 @@ def test_verify_checksums_in_loader_workers(corpus, workers):
         f.write(b"\x01\x02\x03")
     with pytest.raises(CorpusError, match=re.escape(f"{path}: sha256 ")):
         read_epoch(corpus, workers, verify_checksums=True)
+
+
+def test_directory_in_place_of_a_shard_named(corpus):
+    os.remove(shard(corpus))
+    shard(corpus).mkdir()
+    with pytest.raises(CorpusError, match=re.escape(f"{shard(corpus)}: shard is not a regular")):
+        read_epoch(corpus)

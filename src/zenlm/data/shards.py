@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -67,9 +68,12 @@ def check_shard_file(spec: ShardSpec) -> None:
     a truncated shard from one whose records are another size than the manifest's dtype and
     seq_len make (an edited manifest, or a shard of another corpus)."""
     try:
-        size = os.stat(spec.path).st_size
+        st = os.stat(spec.path)
     except OSError as e:
         raise CorpusError(f"{spec.path}: shard missing or unreadable ({e.strerror})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CorpusError(f"{spec.path}: shard is not a regular file (a directory?)")
+    size = st.st_size
     if size < spec.min_file_bytes():
         first = _first_members(spec.path, 2)
         for name, _, n in first:

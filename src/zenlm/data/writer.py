@@ -256,7 +256,10 @@ class _OutDir:
                 raise BadInputError(
                     f"--out {out}: exists and is not a directory; pick another --out"
                 )
-            entries = sorted(os.listdir(out))
+            try:
+                entries = sorted(os.listdir(out))
+            except OSError as e:
+                raise BadInputError(f"--out {out}: cannot list the directory ({e.strerror})") from e
             self.state = _read_state(out)
             if self.state is not None:
                 if self.state.get("key") != key:
