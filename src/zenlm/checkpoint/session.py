@@ -94,6 +94,7 @@ class CheckpointSession:
         # Checkpoints this run did not read (unverifiable ones it skipped; every existing one
         # under resume=none): never pruned, and set aside rather than overwritten by a save.
         self.protected_steps: set[int] = set()
+        self.bytes_read = 0  # tensor bytes this rank read at the last load (slices only)
 
     # -- what the trainer calls --------------------------------------------------------------
 
@@ -146,6 +147,30 @@ class CheckpointSession:
         from zenlm.data.tokenizer import fingerprint_file
 
         return fingerprint_file(path)
+
+    def _tokenizer_ids(self) -> dict[str, Any] | None:
+        """bos/eos/pad ids and the vocabulary of data.tokenizer_path (export writes them into
+        generation_config.json), or None without a tokenizer."""
+        path = self.t.cfg.data.tokenizer_path
+        if not path:
+            return None
+        if not hasattr(self, "_tok_ids"):
+            from zenlm.data.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(path)
+            self._tok_ids = {
+                "path": str(path),
+                "vocab_size": tok.vocab_size,
+                "bos_id": tok.bos_id,
+                "eos_id": tok.eos_id,
+                "pad_id": tok.pad_id,
+            }
+        return self._tok_ids
+
+    def _source(self) -> dict[str, Any] | None:
+        """Where the weights came from (an imported model's family, ids, path), carried over from
+        checkpoint.init_from or the resumed checkpoint, so export knows the family."""
+        return getattr(self, "init_source", None)
 
     def save(self) -> Path:
         t, step, rank = self.t, self.t.step, self.t.rank
@@ -221,6 +246,8 @@ class CheckpointSession:
                 "tokens_seen": t.tokens_seen,
                 "layout": self._layout(),
                 "tokenizer_fingerprint": self._tokenizer_fingerprint(),
+                "tokenizer": self._tokenizer_ids(),
+                "source": self._source(),
                 "parameter_count": sum(_numel(s) for s in shapes.values()),
                 "tensors": index,
                 "shapes": dict(sorted(shapes.items())),
@@ -260,6 +287,38 @@ class CheckpointSession:
         """Load while a second thread checks the CRC-32 of this rank's share of the files (the
         ranks split them); if any rank finds a mismatch, every rank raises and the caller loads
         an older checkpoint, which overwrites everything loaded here."""
+        self._verified(path, meta, lambda: self._load(path, meta))
+        # Only now (verified on every rank) move the data stream: a fallback must not skip twice.
+        try:
+            self._restore_data(self._pending_data, self._pending_step)
+        except ValueError as e:  # the loader's own check: another corpus set or batch layout
+            raise IncompatibleCheckpointError(
+                f"checkpoint {path}: its data position does not fit this run's corpora ({e}); "
+                "resume with the corpora and seq_len it was trained on, or start another run"
+            ) from e
+        self.t.step = self._pending_step
+        log.info(self._pending_message)
+
+    def init_from(self, path: Path) -> None:
+        """checkpoint.init_from: weights only (fresh optimizer, step 0, data from the start)."""
+        start = time.perf_counter()
+        meta = self._precheck(path)
+
+        def load() -> None:
+            self.bytes_read = load_weights(
+                self.t.engine, self.t.factory, path, meta["tensors"], optimizer=False
+            )
+
+        self._verified(path, meta, load)
+        self.init_source = meta.get("source")
+        log.info(
+            f"initialized weights from {path} (read {self.bytes_read / 2**20:.1f} MiB on "
+            f"rank {self.t.rank}) in {time.perf_counter() - start:.1f} s"
+        )
+
+    def _verified(self, path: Path, meta: dict[str, Any], load: Any) -> None:
+        """Run `load` while a second thread checks the CRC-32 of this rank's share of the files;
+        raise on every rank (the gathered first error) if any rank failed."""
         records = file_records(meta)
         world = dist.get_world_size() if dist.is_initialized() else 1
         mine = sorted(records)[self.t.rank :: world]
@@ -280,7 +339,7 @@ class CheckpointSession:
         checker.start()
         err = None
         try:
-            self._load(path, meta)
+            load()
         except CheckpointError as e:
             err = _as_message(e)
         finally:
@@ -288,16 +347,6 @@ class CheckpointSession:
         # A failed CRC makes the checkpoint corrupt whatever the load said (a flipped byte can
         # also change a shape in a header): corrupt ones are skipped, incompatible ones stop.
         _raise_gathered(_all_errors(box.get("err") or err))
-        # Only now (verified on every rank) move the data stream: a fallback must not skip twice.
-        try:
-            self._restore_data(self._pending_data, self._pending_step)
-        except ValueError as e:  # the loader's own check: another corpus set or batch layout
-            raise IncompatibleCheckpointError(
-                f"checkpoint {path}: its data position does not fit this run's corpora ({e}); "
-                "resume with the corpora and seq_len it was trained on, or start another run"
-            ) from e
-        self.t.step = self._pending_step
-        log.info(self._pending_message)
 
     def resume(self) -> Path | None:
         """Load checkpoint.resume: 'none', one path, or 'auto' (the newest that verifies).
@@ -308,6 +357,7 @@ class CheckpointSession:
         verifies: starting over would bury them. The user chooses checkpoint.resume=none."""
         choice = self.cfg.resume
         existing = self.store.steps()
+        init_from = Path(self.cfg.init_from) if self.cfg.init_from else None
         if choice == "none":
             if existing:
                 self.protected_steps = set(existing)
@@ -316,11 +366,17 @@ class CheckpointSession:
                     f"checkpoints already in {self.store.root} (steps {sorted(existing)}) are "
                     "kept: never pruned, set aside rather than overwritten"
                 )
+            if init_from:
+                self.init_from(init_from)
             return None
         explicit = choice != "auto"
         candidates = [Path(choice)] if explicit else [self.store.path(s) for s in existing]
         if not candidates:
-            log.info(f"no checkpoint in {self.store.root}: starting from step 0")
+            if init_from:
+                log.info(f"no checkpoint in {self.store.root}: starting from {init_from}")
+                self.init_from(init_from)
+            else:
+                log.info(f"no checkpoint in {self.store.root}: starting from step 0")
             return None
         failures: list[str] = []
         for step, path in zip(existing if not explicit else [None], candidates, strict=True):
@@ -349,6 +405,11 @@ class CheckpointSession:
     def _load(self, path: Path, meta: dict[str, Any]) -> None:
         t = self.t
         records = file_records(meta)
+        if meta.get("kind") == "weights" or "trainer.json" not in records:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {path} holds weights only (no optimizer or trainer state): start "
+                f"from it with checkpoint.init_from={path}"
+            )
         state = read_json(path / "trainer.json", records["trainer.json"])
         saved_fp, fp = meta.get("tokenizer_fingerprint"), self._tokenizer_fingerprint()
         if saved_fp and fp and saved_fp != fp:
@@ -356,7 +417,7 @@ class CheckpointSession:
                 f"checkpoint {path} does not fit this run: tokenizer fingerprint "
                 f"{saved_fp[:12]}… (checkpoint) vs {fp[:12]}… (this run's data.tokenizer_path)"
             )
-        load_weights(t.engine, t.factory, path, meta["tensors"], optimizer=True)
+        self.bytes_read = load_weights(t.engine, t.factory, path, meta["tensors"], optimizer=True)
         runstate.set_optimizer_state(t.engine, state["optimizer"], t.layout.grad_accum_steps)
         same = {k: v for k, v in meta["layout"].items() if "degree" in k or k == "world_size"}
         now = {k: v for k, v in self._layout().items() if k in same}
@@ -367,6 +428,7 @@ class CheckpointSession:
                 runstate.set_rng_state({k: f.get_tensor(k) for k in names}, f.metadata())
         else:
             runstate.reseed(t.cfg.runtime.seed, state["step"], t.rank)
+        self.init_source = meta.get("source")
         self._pending_step, t.tokens_seen = state["step"], state["tokens_seen"]
         self.health.load_state_dict(state["health"])
         self._pending_data = state["data"]

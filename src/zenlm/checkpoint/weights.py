@@ -95,12 +95,14 @@ def save_weights(
 
 
 class _Reader:
-    """Opens each file once; reads single tensors (safetensors' header gives their offsets)."""
+    """Opens each file once; reads single tensors or slices of them (safetensors' header gives
+    every tensor's offset, so a slice costs only its own bytes). `bytes_read` counts them."""
 
     def __init__(self, ckpt_dir: Path) -> None:
         self.dir, self.open = ckpt_dir, {}
+        self.bytes_read = 0
 
-    def get(self, fname: str, key: str) -> torch.Tensor:
+    def _file(self, fname: str) -> Any:
         if fname not in self.open:
             try:
                 self.open[fname] = safe_open(str(self.dir / fname), framework="pt", device="cpu")
@@ -108,16 +110,80 @@ class _Reader:
                 raise CheckpointError(
                     f"{self.dir / fname}: not a valid safetensors file: {e}"
                 ) from e
+        return self.open[fname]
+
+    def get(self, fname: str, key: str) -> torch.Tensor:
         try:
-            return self.open[fname].get_tensor(key)
+            t = self._file(fname).get_tensor(key)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{self.dir / fname}: cannot read tensor {key!r}: {e}") from e
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def shape(self, fname: str, key: str) -> torch.Size:
+        try:
+            return torch.Size(self._file(fname).get_slice(key).get_shape())
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self.dir / fname}: cannot read tensor {key!r}: {e}") from e
+
+    def get_local(
+        self, fname: str, key: str, p: torch.nn.Parameter, tp: int, tp_rank: int
+    ) -> torch.Tensor:
+        """This TP rank's part of a full tensor, shaped like the TP-local parameter, reading only
+        that part: rows/columns [tp_rank x n, (tp_rank + 1) x n) along the partition dim, and
+        zero rows past the real vocabulary (padding). Equals T.shard(full, p, tp, tp_rank)."""
+        local = T.local_shape(p)
+        sharded = getattr(p, "tensor_model_parallel", False)
+        padded = bool(T.vocab_rows(p))
+        if not sharded and not padded:
+            return self.get(fname, key).float()
+        dim = p.partition_dim if sharded else 0
+        n = local[dim]
+        start = tp_rank * n if sharded else 0
+        try:
+            view = self._file(fname).get_slice(key)
+            stop = min(start + n, view.get_shape()[dim])
+            index = [slice(None)] * len(local)
+            index[dim] = slice(start, max(start, stop))
+            part = view[tuple(index)] if stop > start else None
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self.dir / fname}: cannot read tensor {key!r}: {e}") from e
+        out = torch.zeros(local, dtype=torch.float32)
+        if part is not None:
+            self.bytes_read += part.numel() * part.element_size()
+            out.narrow(dim, 0, part.shape[dim]).copy_(part)
+        return out
+
+
+def _dp_peers() -> tuple[Any, list[int], int]:
+    """(group, global ranks, my index) of this rank's data-parallel group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None, [0], 0
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_data_parallel_group()
+    ranks = dist.get_process_group_ranks(group)
+    return group, ranks, ranks.index(dist.get_rank())
 
 
 def load_weights(
     engine: Any, factory: Any, ckpt_dir: Path, index: dict[str, dict[str, str]], optimizer: bool
-) -> None:
-    """Load full tensors into this rank's (TP/PP/ZeRO-sharded) parameters and AdamW moments."""
+) -> int:
+    """Load full tensors into this rank's (TP/PP/ZeRO-sharded) parameters and AdamW moments.
+
+    Each rank reads only its TP slice of its stage's tensors, and the DP replicas of a slice
+    split the reading (the same greedy balance as the writers) and broadcast over the DP group,
+    so the checkpoint is read about once in all, not once per rank. Shapes are checked on every
+    rank from the safetensors headers before any read; a read error on one rank is raised after
+    the loop (the broadcasts carry zeros meanwhile), so no rank waits alone in a collective.
+    Returns the bytes this rank read.
+    """
     params = canonical_named_parameters(engine.module)
     T.check_supported(engine, params)
     missing = sorted({n for n, _ in params} - set(index["model"]))
@@ -126,20 +192,43 @@ def load_weights(
             f"checkpoint {ckpt_dir} does not fit this run: no tensor for {len(missing)} "
             f"parameters of this model, e.g. {missing[:3]}"
         )
+    if optimizer:
+        lacking = sorted({n for n, _ in params} - set(index.get("optim", {})))
+        if lacking:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {ckpt_dir} holds no optimizer state for {len(lacking)} parameters "
+                f"(e.g. {lacking[0]}): a weights-only checkpoint is for checkpoint.init_from"
+            )
     T.ensure_optimizer_state(engine)
     reader = _Reader(ckpt_dir)
     tp, tp_rank = factory.tp_degree, factory.tp_rank
     for name, p in params:
-        full = reader.get(index["model"][name], name)
-        want = T.full_shape(p, tp)
-        if full.shape != want:
+        saved, want = reader.shape(index["model"][name], name), T.full_shape(p, tp)
+        if saved != want:
             raise IncompatibleCheckpointError(
                 f"checkpoint {ckpt_dir} does not fit this run: {name} has shape "
-                f"{tuple(full.shape)} in the checkpoint, {tuple(want)} in this model"
+                f"{tuple(saved)} in the checkpoint, {tuple(want)} in this model"
             )
-        T.set_local(engine, p, None, T.shard(full.float(), p, tp, tp_rank))
-        if not optimizer:
-            continue
-        for key in T.MOMENTS:
-            moment = reader.get(index["optim"][name], f"{key}/{name}")
-            T.set_local(engine, p, key, T.shard(moment.float(), p, tp, tp_rank))
+    group, peers, me = _dp_peers()
+    sizes = {n: int(T.local_shape(p).numel()) for n, p in params}
+    reads = _assign_writers(sizes, len(peers))
+    keys: tuple[str | None, ...] = (None, *T.MOMENTS) if optimizer else (None,)
+    first_error: CheckpointError | None = None
+    for name, p in params:
+        for key in keys:
+            fname = index["model"][name] if key is None else index["optim"][name]
+            tkey = name if key is None else f"{key}/{name}"
+            local = None
+            if reads[name] == me and first_error is None:
+                try:
+                    local = reader.get_local(fname, tkey, p, tp, tp_rank)
+                except CheckpointError as e:
+                    first_error = e
+            if local is None:
+                local = torch.zeros(T.local_shape(p), dtype=torch.float32)
+            if len(peers) > 1:
+                dist.broadcast(local, src=peers[reads[name]], group=group)
+            T.set_local(engine, p, key, local)
+    if first_error is not None:
+        raise first_error
+    return reader.bytes_read

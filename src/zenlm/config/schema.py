@@ -106,6 +106,11 @@ class CheckpointConfig:
     """Checkpoints kept (older ones are deleted after a newer one is complete)."""
     resume: str = "auto"
     """'auto' = newest complete checkpoint if any, 'none', or a checkpoint path."""
+    init_from: str = ""
+    """Weights to start from when the run does not resume its own checkpoint (resume=none, or
+    auto finding none): a checkpoint dir, e.g. written by `tools/convert.py import`. Weights
+    only: fresh optimizer, step 0, data from the start. A requeued fine-tune resumes its own
+    latest checkpoint instead. '' = random init."""
     keep_every_steps: int = 0
     """Also keep every checkpoint whose step is a multiple of this, forever; 0 = none."""
     max_consecutive_nonfinite_steps: int = 10

@@ -38,24 +38,29 @@ def build_parallel(cfg: RunConfig, layout: Layout) -> ParallelDims:
     return initialize(dims, seed=cfg.runtime.seed)
 
 
-def build_model(cfg: RunConfig) -> tuple[nn.Module, LayerFactory]:
-    """The full (PP = 1) model on this rank's TP shard, initialised identically at every TP."""
+def build_model(cfg: RunConfig, init: bool = True) -> tuple[nn.Module, LayerFactory]:
+    """The full (PP = 1) model on this rank's TP shard, initialised identically at every TP
+    (init=False: left as constructed, for weights that a checkpoint load overwrites)."""
     factory = build_factory(sequence_parallel=cfg.parallel.sequence_parallel_enabled)
-    model = Transformer(cfg.model, factory, seed=cfg.runtime.seed)
+    model = Transformer(cfg.model, factory, seed=cfg.runtime.seed if init else None)
     apply_activation_checkpointing(list(model.layers), cfg.runtime.activation_checkpointing)
     return model, factory
 
 
 def build_training_engine(
-    cfg: RunConfig, layout: Layout, dims: ParallelDims
+    cfg: RunConfig, layout: Layout, dims: ParallelDims, init: bool = True
 ) -> tuple[Any, LayerFactory]:
-    """DeepSpeed's plain engine over model + loss at PP = 1; its PipelineEngine at PP > 1."""
+    """DeepSpeed's plain engine over model + loss at PP = 1; its PipelineEngine at PP > 1.
+
+    init=False skips zenlm's seeded init (a full tensor per parameter on every rank, the
+    slow part at scale) when a checkpoint will be loaded before step 1."""
     if layout.pipeline_parallel_degree == 1:
-        model, factory = build_model(cfg)
+        model, factory = build_model(cfg, init)
         return build_engine(CausalLMLoss(model, factory), cfg, layout), factory
     factory = build_factory(sequence_parallel=cfg.parallel.sequence_parallel_enabled)
     module = build_pipeline_module(cfg, layout, factory)
-    init_weights(module, cfg.model, factory, seed=cfg.runtime.seed)
+    if init:
+        init_weights(module, cfg.model, factory, seed=cfg.runtime.seed)
     apply_activation_checkpointing(local_blocks(module), cfg.runtime.activation_checkpointing)
     engine = build_engine(module, cfg, layout)
     check_pipeline_grid(engine.grid, dims)

@@ -168,6 +168,47 @@ def check_resume(cfg: RunConfig, fingerprint: str | None) -> None:
                 "with checkpoint.resume=auto"
             )
         raise ConfigError(f"{key} holds no meta.json: not a zenlm checkpoint directory")
+    meta = read_meta(path)
+    if meta.get("kind") == "weights":
+        raise ConfigError(
+            f"{key} holds weights only (no optimizer or trainer state): start from it with "
+            f"checkpoint.init_from={choice} (and checkpoint.resume=auto)"
+        )
+    check_compatible(path, meta, cfg.model, fingerprint)
+
+
+def weights_source(cfg: RunConfig) -> str | None:
+    """What the run will load before step 1: 'resume' (its own or an explicit checkpoint),
+    'init_from', or None (random init). A load that then fails stops the run, so a model built
+    for loading (no init drawn) never trains uninitialized."""
+    c = cfg.checkpoint
+    if c.resume not in ("auto", "none"):
+        return "resume"
+    if c.resume == "auto" and CheckpointStore(checkpoint_dir(cfg)).steps():
+        return "resume"
+    return "init_from" if c.init_from else None
+
+
+def check_init_from(cfg: RunConfig, fingerprint: str | None) -> None:
+    raw = cfg.checkpoint.init_from
+    if not raw:
+        return
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        raise ConfigError(
+            f"checkpoint.init_from={raw} with checkpoint.resume={cfg.checkpoint.resume}: give one "
+            "(init_from is for a run that does not resume a checkpoint)"
+        )
+    if weights_source(cfg) != "init_from":
+        return  # the run resumes its own checkpoint: init_from is not read
+    path = Path(raw)
+    key = f"checkpoint.init_from={raw}"
+    if not (path / "meta.json").is_file():
+        hint = ""
+        if path.is_dir() and CheckpointStore(path).steps():
+            hint = f" (it holds checkpoints; give one, e.g. {path / step_dir_name(CheckpointStore(path).steps()[0])})"
+        elif path.is_dir() and (path / "config.json").is_file():
+            hint = " (a Hugging Face directory: convert it first with tools/convert.py import)"
+        raise ConfigError(f"{key} is not a zenlm checkpoint directory (no meta.json){hint}")
     check_compatible(path, read_meta(path), cfg.model, fingerprint)
 
 
@@ -181,6 +222,7 @@ def preflight(cfg: RunConfig, world_size: int, corpora: bool = True) -> Layout:
         if corpora:
             check_corpora(cfg, fingerprint, vocab)
         check_resume(cfg, fingerprint)
+        check_init_from(cfg, fingerprint)
         check_output_dirs(cfg)  # last: the only check that creates anything (empty dirs)
     except ZenlmError as e:
         e.same_on_all_ranks = True  # the same config and files on every rank: print once

@@ -31,7 +31,7 @@ from zenlm.train.build import (
     model_inputs,
     pipeline_batch,
 )
-from zenlm.train.preflight import preflight
+from zenlm.train.preflight import preflight, weights_source
 
 log = get_logger()
 
@@ -67,7 +67,11 @@ class Trainer:
         check_precision_supported(cfg.runtime.precision)
         set_seeds(cfg.runtime.seed)
         self.dims = build_parallel(cfg, self.layout)
-        self.engine, self.factory = build_training_engine(cfg, self.layout, self.dims)
+        # No init drawn when a checkpoint will be loaded (a failed load stops the run).
+        loads = weights_source(cfg) is not None
+        self.engine, self.factory = build_training_engine(
+            cfg, self.layout, self.dims, init=not loads
+        )
         self.pipelined = self.layout.pipeline_parallel_degree > 1
         self.run_dir = run_dir(cfg)
         dp_rank = self.dims.coords(self.rank)[1]
