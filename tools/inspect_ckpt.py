@@ -61,6 +61,17 @@ def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def summary(ckpt: Path) -> list[str]:
     meta = read_meta(ckpt)
+    if meta.get("kind") == "weights":  # tools/convert.py import: no trainer state
+        size = sum(f["bytes"] for f in meta["files"].values())
+        src = meta.get("source") or {}
+        return [
+            f"checkpoint     {ckpt} (weights only: for checkpoint.init_from)",
+            f"parameters     {meta['parameter_count']:,}",
+            f"source         {src.get('format', 'n/a')} {src.get('model_type', '')} "
+            f"{src.get('path', '')}".rstrip(),
+            f"zenlm          {meta['zenlm_version']}, format {meta['format_version']}",
+            f"files          {len(meta['files'])}, {size / 2**20:.1f} MiB",
+        ]
     state = read_json(ckpt / "trainer.json")
     lay = meta["layout"]
     data = state.get("data") or {}
