@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from zenlm.data.format import load_manifest
+from zenlm.data.readers import BadInputError
 from zenlm.data.tokenizer import fingerprint_file, train_tokenizer
 from zenlm.data.writer import preprocess
 from zenlm.runtime.cli import run_tool
@@ -53,7 +54,22 @@ def build_data() -> None:
         train_tokenizer(sources, TOKENIZER, VOCAB_SIZE, model_type="bpe", max_sentences=200_000)
     print(f"[demo] tokenizer {TOKENIZER} sha256 {fingerprint_file(TOKENIZER)[:16]}…")
     print(f"[demo] preprocessing {len(sources)} files into {CORPUS}")
-    preprocess(sources, CORPUS, TOKENIZER, SEQ_LEN, shard_size_bytes=4 << 20, valid_fraction=0.02)
+
+    def run() -> None:
+        preprocess(
+            sources, CORPUS, TOKENIZER, SEQ_LEN, shard_size_bytes=4 << 20, valid_fraction=0.02
+        )
+
+    try:
+        run()
+    except BadInputError as e:
+        # preprocess refuses a directory holding another corpus. This one is the demo's own
+        # (e.g. made from another Python's stdlib), so the demo replaces it.
+        if not str(e).startswith("--out"):
+            raise
+        print(f"[demo] rebuilding its own corpus ({e})")
+        shutil.rmtree(CORPUS)
+        run()
     m = load_manifest(CORPUS)
     summary = {
         name: {"shards": len(s.shards), "samples": s.samples, "tokens": s.tokens}
