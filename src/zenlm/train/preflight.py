@@ -84,10 +84,12 @@ def check_tokenizer(cfg: RunConfig) -> tuple[str | None, int | None]:
             f"{key}: no such file; give the .model file tools/train_tokenizer.py wrote"
         )
     if path.is_dir():
-        raise ConfigError(
-            f"{key} is a directory; give the .model file tools/train_tokenizer.py wrote"
-        )
-    if path.stat().st_size == 0:
+        if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+            raise ConfigError(
+                f"{key} is a directory without tokenizer.json or tokenizer.model; give the .model "
+                "file tools/train_tokenizer.py wrote, or a Hugging Face tokenizer directory"
+            )
+    elif path.stat().st_size == 0:
         raise ConfigError(f"{key} is an empty file, not a SentencePiece model")
     from zenlm.data.tokenizer import fingerprint_file, load_tokenizer
 
