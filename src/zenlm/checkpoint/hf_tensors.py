@@ -1,0 +1,385 @@
+"""Tensors between a Hugging Face checkpoint and zenlm: the name table, the source readers, the
+plan that checks every name and shape before anything is written, and a streamed writer.
+
+TENSOR_MAP is the whole correspondence, one (HF name, zenlm canonical name) row per kind of
+tensor, `{i}` standing for the layer index; it is read in both directions. transformers keeps
+q/k in the rotate-half layout zenlm uses, so every tensor is copied as it is (no permutation).
+DROPPED lists source tensors skipped on purpose. Anything else is an error, and `plan_import`
+reports every offender at once (unknown, unexpected, missing, wrong shape, unsupported dtype).
+
+Memory: a tensor is read when it is written (safe_open is reopened per tensor so its mapping
+of the source file is released), so peak memory is about one source tensor plus its fp32 copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zenlm.checkpoint.io import CheckpointError, Crc32, FileRecord, safe_torch_load
+
+TENSOR_MAP: tuple[tuple[str, str], ...] = (
+    ("model.embed_tokens.weight", "embed.embedding.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attention.q_proj.weight"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attention.q_proj.bias"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attention.k_proj.weight"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attention.k_proj.bias"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attention.v_proj.weight"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attention.v_proj.bias"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attention.o_proj.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.weight"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.weight"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.weight"),
+    ("model.norm.weight", "head.norm.weight"),
+    ("lm_head.weight", "head.output.weight"),
+)
+"""(Hugging Face name, zenlm canonical name); `{i}` is the layer index."""
+
+DROPPED: tuple[tuple[str, str], ...] = (
+    (
+        "model.layers.{i}.self_attn.rotary_emb.inv_freq",
+        "a RoPE buffer older transformers saved; zenlm computes it from the config",
+    ),
+)
+"""Source tensors skipped on purpose (besides lm_head.weight of a tied model, which is
+skipped only when it equals the embedding)."""
+
+TIED_HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+SOURCE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+ST_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_CHUNK = 64 << 20
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+_TO_ZENLM = [(_compile(hf), z) for hf, z in TENSOR_MAP]
+_TO_HF = [(_compile(z), hf) for hf, z in TENSOR_MAP]
+_DROPPED = [(_compile(hf), why) for hf, why in DROPPED]
+
+
+def _translate(name: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, template in table:
+        m = pattern.match(name)
+        if m:
+            return template.replace("{i}", m.group(1)) if m.groups() else template
+    return None
+
+
+def to_zenlm(hf_name: str) -> str | None:
+    """The canonical zenlm name of a Hugging Face tensor name (None: no counterpart)."""
+    return _translate(hf_name, _TO_ZENLM)
+
+
+def to_hf(zenlm_name: str) -> str:
+    name = _translate(zenlm_name, _TO_HF)
+    if name is None:
+        raise CheckpointError(f"{zenlm_name}: no Hugging Face name for this zenlm parameter")
+    return name
+
+
+def dropped_reason(hf_name: str) -> str | None:
+    return _translate(hf_name, _DROPPED)
+
+
+# -- sources -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of the source checkpoint, known from its file header (nothing read yet)."""
+
+    name: str
+    file: Path
+    dtype: str
+    """safetensors dtype name (F32, BF16, ...)."""
+    shape: tuple[int, ...]
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte length, then JSON): no tensor data read."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than a header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 << 20:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (header is not a mapping)")
+    return header
+
+
+class Source:
+    """The tensors of a Hugging Face model directory: model.safetensors, its shards listed by
+    model.safetensors.index.json, or (allow_pickle only) pytorch_model.bin and its shards."""
+
+    def __init__(self, hf_dir: Path, allow_pickle: bool = False) -> None:
+        self.dir = hf_dir
+        self.pickle = False
+        self.tensors: dict[str, SourceTensor] = {}
+        self._cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        files = self._files(allow_pickle)
+        for path in files:
+            for name, dtype, shape in self._entries(path):
+                if name in self.tensors:
+                    raise CheckpointError(
+                        f"{self.dir}: tensor {name} is in both {self.tensors[name].file.name} "
+                        f"and {path.name}"
+                    )
+                self.tensors[name] = SourceTensor(name, path, dtype, shape)
+        self.files = files
+        if self.index is not None:
+            wrong = sorted(
+                n for n, f in self.index.items()
+                if n not in self.tensors or self.tensors[n].file.name != f
+            )  # fmt: skip
+            if wrong:
+                raise CheckpointError(
+                    f"{self.dir}: the index names tensors its files do not hold there: "
+                    f"{_list(wrong)}"
+                )
+
+    def _files(self, allow_pickle: bool) -> list[Path]:
+        d = self.dir
+        for index, single in (
+            ("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
+            is_pickle = single.endswith(".bin")
+            if not ((d / index).is_file() or (d / single).is_file()):
+                continue
+            if is_pickle and not allow_pickle:
+                raise CheckpointError(
+                    f"{d} holds only pickled weights ({single}): unpickling can run code. "
+                    "Convert them to safetensors, or pass --allow-pickle to load them with "
+                    "torch.load(weights_only=True)"
+                )
+            self.pickle = is_pickle
+            if (d / index).is_file():
+                try:
+                    weight_map = json.loads((d / index).read_text())["weight_map"]
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{d / index} is not a valid index: {e}") from e
+                names = sorted(set(weight_map.values()))
+                missing = [n for n in names if not (d / n).is_file()]
+                if missing:
+                    raise CheckpointError(f"{d / index} lists missing files: {', '.join(missing)}")
+                self.index = weight_map
+                return [d / n for n in names]
+            self.index = None
+            return [d / single]
+        raise CheckpointError(
+            f"{d} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+        )
+
+    def _entries(self, path: Path) -> Iterable[tuple[str, str, tuple[int, ...]]]:
+        if self.pickle:
+            state = self._load_pickle(path)
+            for name, t in state.items():
+                if not isinstance(t, torch.Tensor):
+                    raise CheckpointError(f"{path}: {name} is not a tensor")
+                yield name, ST_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)
+            return
+        for name, info in safetensors_header(path).items():
+            if name == "__metadata__":
+                continue
+            yield name, info["dtype"], tuple(info["shape"])
+
+    def _load_pickle(self, path: Path) -> dict[str, torch.Tensor]:
+        if self._cache is None or self._cache[0] != path:
+            self._cache = None  # free the previous shard first
+            state = safe_torch_load(path)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path} does not hold a state dict")
+            self._cache = (path, state)
+        return self._cache[1]
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (the file is opened for this tensor only)."""
+        src = self.tensors[name]
+        if self.pickle:
+            return self._load_pickle(src.file)[name]
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(src.file), framework="pt", device="cpu") as f:
+                return f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"{src.file}: cannot read tensor {name}: {e}") from e
+
+    def release(self) -> None:
+        self._cache = None
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportPlan:
+    tensors: dict[str, SourceTensor]
+    """zenlm canonical name -> its source tensor, in canonical order."""
+    dropped: dict[str, str]
+    """source name -> why it is skipped."""
+    tied_head: SourceTensor | None
+    """lm_head.weight of a tied model: skipped once it is found equal to the embedding."""
+
+
+def _list(items: list[str]) -> str:
+    return ", ".join(items)
+
+
+def plan_import(
+    source: dict[str, SourceTensor], expected: dict[str, list[int]], tied: bool, where: str
+) -> ImportPlan:
+    """Match every source tensor to a zenlm parameter of the expected shapes, or fail naming
+    every unknown, unexpected, missing, misshapen and unsupported-dtype tensor at once."""
+    found: dict[str, SourceTensor] = {}
+    dropped: dict[str, str] = {}
+    unknown, unexpected, shapes, dtypes = [], [], [], []
+    tied_head = None
+    for name in sorted(source):
+        src = source[name]
+        why = dropped_reason(name)
+        if why is not None:
+            dropped[name] = why
+            continue
+        if name == TIED_HEAD and tied:
+            tied_head = src
+            continue
+        target = to_zenlm(name)
+        if target is None:
+            unknown.append(name)
+            continue
+        if target not in expected:
+            unexpected.append(name)
+            continue
+        found[target] = src
+        if list(src.shape) != expected[target]:
+            shapes.append(f"{name} {list(src.shape)} (config.json implies {expected[target]})")
+        if src.dtype not in SOURCE_DTYPES:
+            dtypes.append(f"{name} {src.dtype}")
+    embed = source.get(EMBED)
+    if tied_head is not None and embed is not None and tied_head.shape != embed.shape:
+        shapes.append(
+            f"{TIED_HEAD} {list(tied_head.shape)} (tied to {EMBED} {list(source[EMBED].shape)})"
+        )
+    missing = [to_hf(n) for n in expected if n not in found]
+    parts = []
+    if unknown:
+        parts.append(f"{len(unknown)} unknown tensors (no zenlm counterpart): {_list(unknown)}")
+    if unexpected:
+        parts.append(
+            f"{len(unexpected)} tensors config.json does not call for (e.g. biases, layers "
+            f"beyond num_hidden_layers): {_list(unexpected)}"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing tensors: {_list(missing)}")
+    if shapes:
+        parts.append(f"{len(shapes)} wrong shapes: {_list(shapes)}")
+    if dtypes:
+        parts.append(
+            f"{len(dtypes)} tensors of unsupported dtype (F32, BF16, F16 only): {_list(dtypes)}"
+        )
+    if parts:
+        raise CheckpointError(f"{where} does not match its config.json: {'; '.join(parts)}")
+    return ImportPlan({n: found[n] for n in expected}, dropped, tied_head)
+
+
+def split_files(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Consecutive groups of names (in the given order) of at most max_bytes each (a tensor
+    larger than max_bytes gets a file of its own)."""
+    groups: list[list[str]] = [[]]
+    total = 0
+    for name, n in sizes.items():
+        if groups[-1] and total + n > max_bytes:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += n
+    return [g for g in groups if g]
+
+
+# -- the writer ----------------------------------------------------------------------------
+
+
+def write_streamed(
+    path: Path,
+    specs: dict[str, tuple[torch.dtype, list[int]]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> FileRecord:
+    """A safetensors file byte-identical to zenlm.checkpoint.io.write_tensors of the same
+    tensors (sorted names, same header), but each tensor is produced only when it is written
+    and dropped before the next: memory is one tensor, not the file. fsync; CRC-32 on a second
+    thread; a full disk is a CheckpointError and the partial file is removed."""
+    names = sorted(specs)
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        dtype, shape = specs[name]
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {
+            "dtype": ST_DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    crc = Crc32()
+    size = 0
+    try:
+        with open(path, "wb") as f, ThreadPoolExecutor(1) as hasher:
+            first = struct.pack("<Q", len(head)) + head
+            crc.update(first)
+            f.write(first)
+            size += len(first)
+            for name in names:
+                t = produce(name)
+                dtype, shape = specs[name]
+                if t.dtype != dtype or list(t.shape) != list(shape):
+                    raise CheckpointError(
+                        f"{name}: produced {t.dtype} {list(t.shape)}, planned {dtype} {shape}"
+                    )
+                data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                piece = pending = None
+                for start in range(0, len(data), _CHUNK):
+                    piece = data[start : start + _CHUNK]
+                    if pending is not None:
+                        pending.result()
+                    pending = hasher.submit(crc.update, piece)
+                    f.write(piece)
+                    size += len(piece)
+                if pending is not None:
+                    pending.result()
+                del t, data, piece, pending  # before the next tensor is produced
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"disk full while writing {path}: {e.strerror}") from e
+        raise CheckpointError(f"cannot write {path}: {e}") from e
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return FileRecord(crc.hexdigest(), size)
