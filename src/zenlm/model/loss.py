@@ -17,10 +17,23 @@ def token_loss(factory: LayerFactory, logits: torch.Tensor, labels: torch.Tensor
     return factory.cross_entropy(logits, labels)
 
 
-def mean_loss(factory: LayerFactory, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean loss over the tokens whose label is not IGNORE_INDEX (0-dim fp32)."""
-    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    return factory.cross_entropy(logits, labels).sum() / count
+def mean_loss(
+    factory: LayerFactory,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    denominator: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Loss sum over the tokens whose label is not IGNORE_INDEX, divided by `denominator`
+    (default: their count, the micro batch's token mean). 0-dim fp32.
+
+    The trainer passes denominator = (counted tokens of the whole step, all micro batches and
+    data-parallel ranks) / (micro batches x DP ranks): after the engine's mean over micro batches
+    and ranks, the step's loss is the mean over every counted token of the global batch, the
+    same at any layout even when micro batches count different numbers of tokens (SFT masks).
+    With no masked labels it equals the micro batch's count, so pre-training is unchanged."""
+    if denominator is None:
+        denominator = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return factory.cross_entropy(logits, labels).sum() / denominator
 
 
 def next_token_accuracy(

@@ -53,9 +53,13 @@ class PipelineLoss:
         self.factory = factory
         self.stats = False
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        # Training labels arrive as (labels, loss denominator) (zenlm.train.build.pipeline_batch).
+        labels, denominator = labels if isinstance(labels, tuple | list) else (labels, None)
         if not self.stats:
-            return mean_loss(self.factory, logits, labels)
+            return mean_loss(self.factory, logits, labels, denominator)
         correct, counted = next_token_accuracy(self.factory, logits, labels)
         loss_sum = token_loss(self.factory, logits, labels).sum()
         return torch.stack([loss_sum.double(), correct.double(), counted.double()])

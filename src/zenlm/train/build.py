@@ -68,15 +68,19 @@ def build_training_engine(
 
 
 def pipeline_batch(
-    batch: dict[str, torch.Tensor], document_masking: bool
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    batch: dict[str, torch.Tensor],
+    document_masking: bool,
+    loss_denominator: torch.Tensor | None = None,
+) -> tuple[tuple[torch.Tensor, ...], Any]:
     """The loader's batch -> DeepSpeed pipeline's (inputs, labels): inputs feed the first stage,
-    labels the loss on the last."""
+    labels the loss on the last ((labels, loss_denominator) when a denominator is given)."""
     inputs = model_inputs(batch, document_masking)
     first = (inputs["input_ids"],)
     if document_masking:
         first += (inputs["position_ids"], inputs["doc_ids"])
-    return first, inputs["labels"]
+    if loss_denominator is None:
+        return first, inputs["labels"]
+    return first, (inputs["labels"], loss_denominator)
 
 
 def model_inputs(

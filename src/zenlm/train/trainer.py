@@ -23,6 +23,7 @@ from zenlm.config.schema import RunConfig
 from zenlm.config.validate import check_precision_supported, run_dir
 from zenlm.metrics.tensorboard import TensorBoardWriter
 from zenlm.metrics.throughput import detect_peak_tflops, flops_per_token, mfu
+from zenlm.model.factory import IGNORE_INDEX
 from zenlm.runtime.env import init_distributed, set_seeds, set_threads
 from zenlm.runtime.log import get_logger
 from zenlm.train.build import (
@@ -81,9 +82,8 @@ class Trainer:
             self.train_loader = train_data(dp_rank, self.dims.dp)
             self.valid_data = valid_data(dp_rank, self.dims.dp) if valid_data else None
         self.train_iter: Iterator = iter(self.train_loader)
-        masking = cfg.model.document_masking
         # DeepSpeed's pipeline pulls grad_accum_steps micro batches per train_batch itself.
-        self.pipe_iter = (pipeline_batch(b, masking) for b in self.train_iter)
+        self.pipe_iter = self._pipeline_stream()
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(cfg.model, self.layout.seq_len_tokens)
@@ -130,6 +130,28 @@ class Trainer:
 
     # -- one optimizer step ------------------------------------------------------------------
 
+    def _step_batches(self) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """This rank's grad_accum_steps micro batches of the next step, and the loss
+        denominator: the step's counted tokens over all micro batches and DP ranks, divided by
+        (micro batches x DP) (see zenlm.model.loss.mean_loss). One scalar all-reduce per step."""
+        lay = self.layout
+        batches = [next(self.train_iter) for _ in range(lay.grad_accum_steps)]
+        counted = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        total = torch.tensor([float(counted)], dtype=torch.float64)
+        dist.all_reduce(total, group=_dp_group())
+        per_micro = total.clamp(min=1.0) / (lay.grad_accum_steps * self.dims.dp)
+        return batches, per_micro.float().reshape(())
+
+    def _pipeline_stream(self) -> Iterator:
+        """Micro batches for DeepSpeed's pipeline, with the step's loss denominator in the
+        labels. Only the first and last stages draw from it; the all-reduce in _step_batches
+        then runs in their (stage-local) DP groups, where every peer draws at the same point."""
+        masking = self.cfg.model.document_masking
+        while True:
+            batches, denominator = self._step_batches()
+            for b in batches:
+                yield pipeline_batch(b, masking, denominator)
+
     def train_step(self) -> float:
         """Run grad_accum_steps micro batches and one optimizer step; return the global mean loss."""
         self.step += 1
@@ -140,9 +162,11 @@ class Trainer:
             return self.engine.train_batch(data_iter=self.pipe_iter).item()
         masking = self.cfg.model.document_masking
         losses = []
-        for _ in range(self.layout.grad_accum_steps):
-            batch = model_inputs(next(self.train_iter), masking, self.engine.device)
-            loss = self.engine(**batch)
+        batches, denominator = self._step_batches()
+        denominator = denominator.to(self.engine.device)
+        for micro in batches:
+            batch = model_inputs(micro, masking, self.engine.device)
+            loss = self.engine(**batch, loss_denominator=denominator)
             self.engine.backward(loss)
             self.engine.step()  # a no-op except at the accumulation boundary
             losses.append(loss.detach().float())
