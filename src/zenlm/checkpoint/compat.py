@@ -85,6 +85,10 @@ def differences(
         a, b = saved_model[key], now[key]
         if key == "num_kv_heads":
             a, b = _kv(saved_model), model.kv_heads
+        if key == "head_dim":  # null means hidden_size // num_attention_heads: compare widths
+            heads = saved_model.get("num_attention_heads") or 1
+            a = a or (saved_model.get("hidden_size") or 0) // heads
+            b = model.head_size
         if a != b:
             out.append(f"model.{key} {a} (checkpoint) vs {b} (this run)")
     saved_shapes = meta.get("shapes") or {}
