@@ -90,10 +90,48 @@ def train() -> int:
     return subprocess.call(cmd, cwd=ROOT)
 
 
+PROMPT = "def main():\n    "
+
+
+def export_and_generate() -> None:
+    """Hand the trained model to transformers: export the newest checkpoint with
+    tools/convert.py, load it with AutoModelForCausalLM and generate a continuation."""
+    import torch
+    import transformers
+
+    from zenlm.checkpoint.store import CheckpointStore
+    from zenlm.data.tokenizer import load_tokenizer
+
+    run = ROOT / "runs" / "demo"
+    steps = CheckpointStore(run / "checkpoints").steps()
+    if not steps:
+        print("[demo] no checkpoint to export")
+        return
+    ckpt = CheckpointStore(run / "checkpoints").path(steps[0])
+    out = run / "hf"
+    shutil.rmtree(out, ignore_errors=True)  # the demo's own export of its own run
+    cmd = [sys.executable, str(ROOT / "tools" / "convert.py"), "export", str(ckpt), str(out)]
+    print("[demo] " + " ".join(cmd))
+    if subprocess.call(cmd, cwd=ROOT) != 0:
+        raise SystemExit("[demo] export failed")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = load_tokenizer(TOKENIZER)
+    ids = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        generated = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+            pad_token_id=tok.eos_id,
+        )  # fmt: skip
+    text = tok.decode(generated[0, ids.shape[1] :].tolist())
+    print(f"[demo] transformers, from the exported {out}: {PROMPT + text!r}")
+
+
 def main() -> int:
     start = time.perf_counter()
     build_data()
     rc = train()
+    if rc == 0:
+        export_and_generate()
     print(
         f"[demo] finished in {time.perf_counter() - start:.0f} s (exit {rc}); "
         f"TensorBoard: tensorboard --logdir {ROOT / 'runs' / 'demo' / 'tb'}"

@@ -256,7 +256,11 @@ def test_make_demo(workdir, monkeypatch, capfd):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     assert demo.main() == 0
-    assert "[demo] manifest" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "[demo] manifest" in out
+    # It ends by exporting the model and generating with transformers from the export.
+    assert "[demo] transformers, from the exported" in out, out[-3000:]
+    assert (workdir / "runs" / "demo" / "hf" / "config.json").is_file()
     cfg = assert_trained(workdir / "runs" / "demo")  # demo.yaml's run_name under cwd/runs
     p = cfg["parallel"]
     assert (p["tensor_parallel_degree"], p["pipeline_parallel_degree"], p["zero_stage"]) == (
