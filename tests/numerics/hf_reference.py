@@ -14,8 +14,8 @@
   document starts.
 - Training: torch.optim.AdamW with parameter groups built here (no decay on norms, biases and
   the input embedding), torch.optim.lr_scheduler.LambdaLR with linear warmup + cosine written
-  here from docs/training.md, clip_grad_norm_, loss = token mean per micro batch averaged over
-  the global batch's micro batches.
+  here from docs/training.md, clip_grad_norm_, loss = the mean over every counted token of the
+  global batch (labels -100 not counted).
 """
 
 from __future__ import annotations
@@ -223,18 +223,22 @@ def reference_run(cfg, corpus: Path, steps: int, initial: dict[str, torch.Tensor
         step_pairs = order[s * B : (s + 1) * B]
         total = 0.0
         n_micro = B // mbs
-        for i in range(n_micro):
-            batch = batch_of(train, step_pairs[i * mbs : (i + 1) * mbs], masking)
-            loss_sum, _, count = _loss_sum(model, batch)
-            loss = loss_sum / count
-            (loss / n_micro).backward()
+        batches = [
+            batch_of(train, step_pairs[i * mbs : (i + 1) * mbs], masking) for i in range(n_micro)
+        ]
+        # The step's loss: the mean over every counted token of the global batch.
+        counted = sum(int((b["labels"] != -100).sum()) for b in batches)
+        for batch in batches:
+            loss_sum, _, _ = _loss_sum(model, batch)
+            loss = loss_sum / counted
+            loss.backward()
             total += loss.item()
         clip = o.grad_clip_norm if o.grad_clip_norm > 0 else float("inf")
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        losses.append(total / n_micro)
+        losses.append(total)
     model.eval()
     valid = read_split(corpus, "valid")
     natural = [(s, m) for s in range(len(valid.tokens)) for m in range(len(valid.tokens[s]))]
