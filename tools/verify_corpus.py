@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zenlm.data import format as fmt
+from zenlm.data import shards
 from zenlm.data.format import CorpusError
 from zenlm.data.readers import BadInputError, ToolArgumentParser
 from zenlm.data.shards import ShardSpec, verify_shard_job
@@ -94,12 +95,7 @@ def check_manifest(corpus: Path, m: fmt.CorpusManifest, fingerprint: str | None)
 
 
 def shard_specs(corpus: Path, m: fmt.CorpusManifest, split: str) -> list[ShardSpec]:
-    token_bytes = m.tokens_per_sample * np.dtype(m.dtype).itemsize
-    specs, first = [], 0
-    for s in m.splits.get(split, fmt.SplitInfo()).shards:
-        specs.append(ShardSpec(str(corpus / s.path), s.samples, first, s.sha256, token_bytes))
-        first += s.samples
-    return specs
+    return shards.shard_specs(corpus, m, split)  # (the loader's: loss-mask records included)
 
 
 def _size(path: str) -> int:

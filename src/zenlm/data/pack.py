@@ -6,6 +6,10 @@ the positions in [1, seq_len] where a document begins are kept (format.py ``docs
 loader can mask attention per document. The final partial sample of a split is dropped; the
 writer counts its tokens in the manifest stats.
 
+Example packing (fine-tuning, `ExamplePacker`): whole examples, each with its loss mask, are
+placed first-fit into a window of open samples and never split; the rest of a sample is padding
+(its own document, loss mask 0). See docs/finetune.md.
+
 Sharding: shard i of a split holds samples [i * S, (i + 1) * S) with S = samples_per_shard, a
 pure function of the settings. The same inputs and settings therefore give byte-identical shards
 (tar mtimes are fixed), which is what lets a rerun skip shards that are already complete.
@@ -64,10 +68,73 @@ class Packer:
         self._tail_starts = starts[begin:] - full * n
 
 
-def sample_tar_bytes(tokens_per_sample: int, itemsize: int) -> int:
+class ExamplePacker:
+    """Whole examples -> (tokens_per_sample,) samples with doc starts and a loss mask.
+
+    Policy (deterministic, a pure function of the examples in input order): first-fit over a
+    window of at most `window` open samples, oldest first. An example goes into the first open
+    sample with room for all of it; when none has room, a new sample is opened, and if `window`
+    samples are already open the oldest is closed first. A sample is closed (yielded) when it is
+    exactly full, when it is pushed out of the window, or at `flush()`, in that order of events.
+    window=1 is next-fit: examples stay in input order. Each example is its own document (a doc
+    start where it begins); the unused end of a sample is `pad_id` with loss mask 0 and is a
+    document of its own too, so attention inside a real example never sees padding.
+
+    Examples must not be longer than tokens_per_sample (the caller drops or refuses them).
+    """
+
+    def __init__(self, tokens_per_sample: int, pad_id: int, window: int = 64):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.tokens_per_sample, self.pad_id, self.window = tokens_per_sample, pad_id, window
+        self._open: list[list[tuple[np.ndarray, np.ndarray]]] = []  # examples per open sample
+        self._free: list[int] = []  # room left in each open sample
+        self.pad_tokens = 0  # padding in the samples yielded so far
+
+    def add(
+        self, tokens: np.ndarray, mask: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Place one example; yield the samples this closes as (tokens, docstarts, loss mask)."""
+        n = len(tokens)
+        if not 0 < n <= self.tokens_per_sample or len(mask) != n:
+            raise ValueError(f"example of {n} tokens (mask {len(mask)}) does not fit a sample")
+        slot = next((i for i, free in enumerate(self._free) if free >= n), -1)
+        if slot < 0:
+            if len(self._open) == self.window:
+                yield self._close(0)
+            self._open.append([])
+            self._free.append(self.tokens_per_sample)
+            slot = len(self._open) - 1
+        self._open[slot].append((tokens, mask))
+        self._free[slot] -= n
+        if self._free[slot] == 0:
+            yield self._close(slot)
+
+    def flush(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Close every open sample, oldest first."""
+        while self._open:
+            yield self._close(0)
+
+    def _close(self, slot: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        examples, free = self._open.pop(slot), self._free.pop(slot)
+        lens = [len(t) for t, _ in examples]
+        starts = np.cumsum([0, *lens])  # each example's start, then the padding's
+        tokens = np.full(self.tokens_per_sample, self.pad_id, np.uint32)
+        mask = np.zeros(self.tokens_per_sample, np.uint8)
+        for (t, m), a, b in zip(examples, starts[:-1], starts[1:]):
+            tokens[a:b], mask[a:b] = t, m
+        keep = starts[1:] if free else starts[1:-1]  # padding starts a document of its own
+        self.pad_tokens += free
+        return tokens, keep.astype("<u4"), mask
+
+
+def sample_tar_bytes(tokens_per_sample: int, itemsize: int, loss_mask: bool = False) -> int:
     """Approximate tar bytes per sample: two members, each a header block plus padded data
-    (docstarts counted as one data block, i.e. up to 128 document starts)."""
+    (docstarts counted as one data block, i.e. up to 128 document starts), and with a loss
+    mask a third (header plus one uint8 per token, padded)."""
     data = -(-tokens_per_sample * itemsize // TAR_BLOCK) * TAR_BLOCK
+    if loss_mask:
+        data += TAR_BLOCK + -(-tokens_per_sample // TAR_BLOCK) * TAR_BLOCK
     return TAR_BLOCK + data + 2 * TAR_BLOCK
 
 
@@ -117,13 +184,14 @@ class ShardSink:
             # plain ustar headers are ~40% cheaper per member and all we need.
             self._writer.tarstream.format = tarfile.USTAR_FORMAT
 
-    def write(self, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
+    def write(
+        self, tokens: np.ndarray, doc_starts: np.ndarray, loss_mask: np.ndarray | None = None
+    ) -> None:
         if self._in_shard == 0:
             self._open()
         if not self._skip:
-            self._writer.write(
-                encode_sample(sample_key(self.samples), tokens, doc_starts, self.dtype)
-            )
+            key = sample_key(self.samples)
+            self._writer.write(encode_sample(key, tokens, doc_starts, self.dtype, loss_mask))
         self.samples += 1
         self._in_shard += 1
         self._tokens_in_shard += len(tokens)

@@ -2,12 +2,14 @@
 
 webdataset 1.0.2 has no `wids`, so the index comes from the stdlib: `tarfile` lists every
 member with its data offset and size (checksummed headers, pax/GNU extensions handled), and a
-sample is then one `os.pread` of its two adjacent members. Nothing is unpickled or decoded by
+sample is then one `os.pread` of its two (three with a loss mask) adjacent members. Nothing is unpickled or decoded by
 extension: records are raw little-endian arrays (see zenlm.data.format).
 
 Verification when a shard is first opened in a process (every failure names the shard path):
-the file exists; every member is a regular file named `<key>.tokens` / `<key>.docstarts` with the
-keys the manifest implies, in order; token records have the exact byte size; every member lies
+the file exists; every member is a regular file named `<key>.tokens` / `<key>.docstarts` (and
+`<key>.lossmask` in every sample when the manifest has a loss mask, never otherwise) with the
+keys the manifest implies, in order; token and loss-mask records have the exact byte size (a
+wrong size names the shard and the record); every member lies
 inside the file; the sample count equals the manifest's. A truncated file, a garbled header (the
 tar reader stops at the first bad checksum, so the count falls short) or a swapped shard all fail
 here. Flipped bytes inside token data pass these checks; `verify_checksums=True` also compares
@@ -43,17 +45,41 @@ class ShardSpec:
     sha256: str
     token_bytes: int
     """Bytes of one `.tokens` record: (seq_len + 1) * itemsize."""
+    mask_bytes: int = 0
+    """Bytes of one `.lossmask` record: seq_len + 1 (uint8); 0 = the corpus has no loss mask,
+    and a `.lossmask` member is then an error."""
 
     def min_file_bytes(self) -> int:
-        """A lower bound on a complete shard's size (two headers + padded tokens per sample)."""
-        padded = -(-self.token_bytes // HEADER_BYTES) * HEADER_BYTES
-        return self.samples * (2 * HEADER_BYTES + padded)
+        """A lower bound on a complete shard's size (headers + padded tokens and mask)."""
+        per_sample = 2 * HEADER_BYTES + _padded(self.token_bytes)
+        if self.mask_bytes:
+            per_sample += HEADER_BYTES + _padded(self.mask_bytes)
+        return self.samples * per_sample
+
+
+def _padded(n: int) -> int:
+    return -(-n // HEADER_BYTES) * HEADER_BYTES
+
+
+def shard_specs(
+    corpus_dir: str | os.PathLike, manifest: fmt.CorpusManifest, split: str
+) -> list[ShardSpec]:
+    """What `manifest` promises about each shard of `split` (none when it has no such split)."""
+    token_bytes = manifest.tokens_per_sample * np.dtype(manifest.dtype).itemsize
+    mask_bytes = manifest.tokens_per_sample if manifest.loss_mask else 0
+    specs, first = [], 0
+    for s in manifest.splits.get(split, fmt.SplitInfo()).shards:
+        path = os.path.join(corpus_dir, s.path)
+        specs.append(ShardSpec(path, s.samples, first, s.sha256, token_bytes, mask_bytes))
+        first += s.samples
+    return specs
 
 
 # One entry per sample: (read offset, read length, tokens offset in the read, docstarts offset in
-# the read, docstarts length). The two members are adjacent in every shard TarWriter writes (one
-# header apart; pax writers add a few more blocks), so one pread covers both.
-Span = tuple[int, int, int, int, int]
+# the read, docstarts length, loss-mask offset in the read or -1 without one). The members are
+# adjacent in every shard TarWriter writes (one header apart; pax writers add a few more blocks),
+# so one pread covers them all.
+Span = tuple[int, int, int, int, int, int]
 Member = tuple[str, int, int]
 """(name, data offset, data size) of one tar member, in file order."""
 _ZERO_BLOCK = bytes(HEADER_BYTES)
@@ -75,10 +101,17 @@ def check_shard_file(spec: ShardSpec) -> None:
         raise CorpusError(f"{spec.path}: shard is not a regular file (a directory?)")
     size = st.st_size
     if size < spec.min_file_bytes():
-        first = _first_members(spec.path, 2)
+        first = _first_members(spec.path, 3)
         for name, _, n in first:
-            if name.endswith("." + fmt.TOKENS_EXT):
-                _check_record_size(spec, name, n)
+            _check_record_size(spec, name, n)
+        if spec.mask_bytes and first:  # a shard without the masks the manifest promises
+            key = first[0][0].partition(".")[0]
+            exts = sorted(n.partition(".")[2] for n, _, _ in first if n.startswith(key + "."))
+            if fmt.LOSSMASK_EXT not in exts and len(exts) < len(first):
+                raise CorpusError(
+                    f"{spec.path}: sample {key} has members {exts} (no loss mask, but the "
+                    "manifest has loss_mask true)"
+                )
         if not first and size >= HEADER_BYTES:
             raise CorpusError(_bad_header(spec.path, 0))
         raise CorpusError(
@@ -88,6 +121,12 @@ def check_shard_file(spec: ShardSpec) -> None:
 
 
 def record_size_error(spec: ShardSpec, name: str, size: int) -> CorpusError:
+    if name.endswith("." + fmt.LOSSMASK_EXT):
+        return CorpusError(
+            f"{spec.path}: loss-mask record {name} has {size} bytes, but the manifest's seq_len "
+            f"makes {spec.mask_bytes} (one uint8 per token, seq_len + 1): the manifest was edited "
+            "or the shard is from another corpus; re-run tools/preprocess_sft.py"
+        )
     return CorpusError(
         f"{spec.path}: token record {name} has {size} bytes, but the manifest's seq_len and dtype "
         f"make {spec.token_bytes} bytes per sample (seq_len + 1 ids x itemsize): the manifest "
@@ -96,7 +135,10 @@ def record_size_error(spec: ShardSpec, name: str, size: int) -> CorpusError:
 
 
 def _check_record_size(spec: ShardSpec, name: str, size: int) -> None:
-    if size != spec.token_bytes:
+    """The size of a `.tokens` record, and of a `.lossmask` one in a corpus that has them."""
+    if name.endswith("." + fmt.TOKENS_EXT) and size != spec.token_bytes:
+        raise record_size_error(spec, name, size)
+    if name.endswith("." + fmt.LOSSMASK_EXT) and spec.mask_bytes and size != spec.mask_bytes:
         raise record_size_error(spec, name, size)
 
 
@@ -242,10 +284,18 @@ def group_samples(spec: ShardSpec, listed: list[Member], size: int) -> list[Span
     members: dict[str, tuple[int, int]] = {}
     spans: list[Span] = []
     key = fmt.sample_key(spec.first_key)
+    expected = {fmt.TOKENS_EXT, fmt.DOCSTARTS_EXT} | (
+        {fmt.LOSSMASK_EXT} if spec.mask_bytes else set()
+    )
 
     def close_sample() -> None:
-        if set(members) != {fmt.TOKENS_EXT, fmt.DOCSTARTS_EXT}:
-            raise CorpusError(f"{spec.path}: sample {key} has members {sorted(members)}")
+        if set(members) != expected:
+            why = ""
+            if fmt.LOSSMASK_EXT in members and not spec.mask_bytes:
+                why = " (a loss mask, but the manifest has loss_mask false)"
+            elif spec.mask_bytes and fmt.LOSSMASK_EXT not in members:
+                why = " (no loss mask, but the manifest has loss_mask true)"
+            raise CorpusError(f"{spec.path}: sample {key} has members {sorted(members)}{why}")
         (t_off, t_len), (d_off, d_len) = members[fmt.TOKENS_EXT], members[fmt.DOCSTARTS_EXT]
         if t_len != spec.token_bytes:
             raise record_size_error(spec, f"{key}.tokens", t_len)
@@ -254,9 +304,16 @@ def group_samples(spec: ShardSpec, listed: list[Member], size: int) -> list[Span
                 f"{spec.path}: {key}.docstarts has {d_len} bytes, not a multiple of 4"
             )
         lo, hi = min(t_off, d_off), max(t_off + t_len, d_off + d_len)
-        if hi - lo > t_len + d_len + MAX_GAP_BYTES:
+        total = t_len + d_len
+        m_off = -1
+        if spec.mask_bytes:
+            m_off, m_len = members[fmt.LOSSMASK_EXT]
+            if m_len != spec.mask_bytes:
+                raise record_size_error(spec, f"{key}.{fmt.LOSSMASK_EXT}", m_len)
+            lo, hi, total = min(lo, m_off), max(hi, m_off + m_len), total + m_len
+        if hi - lo > total + (len(expected) - 1) * MAX_GAP_BYTES:
             raise CorpusError(f"{spec.path}: members of {key} are over {MAX_GAP_BYTES} bytes apart")
-        spans.append((lo, hi - lo, t_off - lo, d_off - lo, d_len))
+        spans.append((lo, hi - lo, t_off - lo, d_off - lo, d_len, m_off - lo if m_off >= 0 else -1))
         members.clear()
 
     for name, offset, n in listed:
@@ -361,7 +418,8 @@ def verify_shard_job(job: tuple[ShardSpec, str, int]) -> tuple[int, str | None]:
 def _check_records(
     spec: ShardSpec, dtype: np.dtype, vocab_size: int, spans: list[Span], data: bytearray
 ) -> None:
-    """Every token id < vocab_size and every doc start in [1, seq_len], increasing per sample.
+    """Every token id < vocab_size, every doc start in [1, seq_len], increasing per sample, and
+    every loss-mask value 0 or 1.
 
     Vectorised over the whole shard: tar data starts on 512-byte blocks, so every record is
     aligned to its item size and the file can be viewed as one array of ids; the per-sample
@@ -389,6 +447,8 @@ def _check_records(
             f"{int(tokens[col])}, not below the manifest's vocab_size {vocab_size} (corrupt "
             "data, or a shard of a corpus with another tokenizer)"
         )
+    if spec.mask_bytes:
+        _check_masks(spec, sp[:, 0] + sp[:, 5], data)
     counts = d_len // 4
     if not counts.any():
         return
@@ -405,6 +465,23 @@ def _check_records(
         raise CorpusError(
             f"{spec.path}: sample {fmt.sample_key(spec.first_key + int(which[i]))} has doc "
             f"start {int(ds[i])} {what} (corrupt docstarts record)"
+        )
+
+
+def _check_masks(spec: ShardSpec, m_off: np.ndarray, data: bytearray) -> None:
+    """Every loss-mask value 0 or 1: per-sample maxima in one reduceat, like the token ids."""
+    u8 = np.frombuffer(data, np.uint8)
+    bounds = np.stack([m_off, m_off + spec.mask_bytes], 1).ravel()
+    if bounds[-1] == len(u8):
+        u8 = np.concatenate([u8, np.zeros(1, np.uint8)])
+    row_max = np.maximum.reduceat(u8, bounds)[0::2]
+    if int(row_max.max()) > 1:
+        row = int(np.argmax(row_max > 1))
+        values = u8[m_off[row] : m_off[row] + spec.mask_bytes]
+        col = int(np.argmax(values > 1))
+        raise CorpusError(
+            f"{spec.path}: sample {fmt.sample_key(spec.first_key + row)} loss-mask entry {col} "
+            f"is {int(values[col])}, not 0 or 1 (corrupt lossmask record)"
         )
 
 

@@ -21,7 +21,12 @@ from zenlm.data import format as fmt
 from zenlm.data.blend import BlendSchedule
 from zenlm.data.format import CorpusError
 from zenlm.data.order import EpochOrder
-from zenlm.data.shards import ShardCache, ShardSpec, check_shard_file
+from zenlm.data.shards import ShardCache, ShardSpec, check_shard_file, shard_specs
+
+# Labels equal to this count in no loss or accuracy: torch's cross-entropy default and the same
+# constant as zenlm.model.factory.IGNORE_INDEX (not imported: the model package pulls in layers
+# this module has no use for; tests/unit/test_sft_data.py asserts they are equal).
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -80,13 +85,9 @@ def open_corpora(
         info = manifest.splits.get(split)
         if info is None or info.samples == 0:
             raise CorpusError(f"{where}: corpus has no {split!r} samples")
-        token_bytes = manifest.tokens_per_sample * np.dtype(manifest.dtype).itemsize
-        shards, first_key = [], 0
-        for s in info.shards:
-            spec = ShardSpec(str(Path(p) / s.path), s.samples, first_key, s.sha256, token_bytes)
+        shards = shard_specs(p, manifest, split)
+        for spec in shards:
             check_shard_file(spec)
-            shards.append(spec)
-            first_key += s.samples
         order = EpochOrder([s.samples for s in shards], seed, stream, shuffle)
         corpora.append(Corpus(str(p), split, manifest, shards, order))
     if not corpora:
@@ -99,7 +100,8 @@ class SampleSource:
 
     Batch (all torch tensors, batch = count rows):
       input_ids    (batch, seq_len) int64   tokens[:-1]
-      labels       (batch, seq_len) int64   tokens[1:]
+      labels       (batch, seq_len) int64   tokens[1:]; IGNORE_INDEX where a corpus with a loss
+                                            mask has lossmask[1:] == 0 (prompt, template, padding)
       position_ids (batch, seq_len) int64   0, 1, ... restarting at every document start
       doc_ids      (batch, seq_len) int32   segment index within the row (0 = first segment)
     """
@@ -139,13 +141,15 @@ class SampleSource:
         for i, (c, s, m) in enumerate(zip(*self.locate(start, count))):
             spec = self.corpora[c].shards[s]
             fd, index = self.cache.get(spec)
-            off, length, t_rel, d_rel, d_len = index[m]
+            off, length, t_rel, d_rel, d_len, m_rel = index[m]
             raw = os.pread(fd, length, off)
             if len(raw) != length:
                 raise CorpusError(f"{spec.path}: short read of sample {m} (file changed on disk?)")
             tokens = np.frombuffer(raw, self._dtypes[c], S + 1, t_rel)
             input_ids[i] = tokens[:-1]  # uint -> int64 cast on copy
             labels[i] = tokens[1:]
+            if m_rel >= 0:  # labels[t] predicts tokens[t + 1]: it counts iff lossmask[t + 1]
+                labels[i][np.frombuffer(raw, np.uint8, S, m_rel + 1) == 0] = IGNORE_INDEX
             where.append(spec.path)
             if d_len:
                 doc_starts.append(np.frombuffer(raw, "<u4", d_len // 4, d_rel))
@@ -161,6 +165,7 @@ class SampleSource:
 
     def _check_vocab(self, input_ids: np.ndarray, labels: np.ndarray, where: list[str]) -> None:
         # One pass over the batch: an id >= vocab_size would crash the embedding far from here.
+        # labels[:, -1] is the last stored token, or IGNORE_INDEX (< V) where a mask hides it.
         V = self.vocab_size
         if max(int(input_ids.max()), int(labels[:, -1].max())) >= V:
             row = int(np.argmax((input_ids >= V).any(1) | (labels >= V).any(1)))
