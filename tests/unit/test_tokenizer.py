@@ -156,15 +156,22 @@ def test_too_little_text_is_a_clear_error(tmp_path):
 def test_load_and_fingerprint_name_a_bad_model_file(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model\n")
     (tmp_path / "empty.model").write_bytes(b"")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
     cases = {
         tmp_path / "notes.txt": "not a SentencePiece model",
         tmp_path / "empty.model": "empty file",
-        tmp_path: "is a directory",
+        # a directory must be a Hugging Face tokenizer directory (tests/unit/test_hf_tokenizer.py)
+        tmp_path: "is a directory without tokenizer.json or tokenizer.model",
         tmp_path / "nowhere.model": "no tokenizer model there",
+        tmp_path / "hf" / "tokenizer.json": "not a SentencePiece model but a Hugging Face",
     }
     for path, what in cases.items():
         with pytest.raises(TokenizerError, match=re.escape(f"{path}: {what}")):
             load_tokenizer(path)
+    for path in (tmp_path, tmp_path / "hf" / "tokenizer.json"):  # fingerprint_file checks these
+        with pytest.raises(TokenizerError, match=re.escape(f"{path}: ")):
+            fingerprint_file(path)
     with pytest.raises(TokenizerError, match=re.escape(f"{tmp_path / 'nowhere.model'}: no")):
         fingerprint_file(tmp_path / "nowhere.model")  # what the trainer calls on tokenizer_path
 

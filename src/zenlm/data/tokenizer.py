@@ -1,5 +1,8 @@
 """SentencePiece tokenizer: training, loading, and the fingerprint every corpus and checkpoint records.
 
+`load_tokenizer` and `fingerprint_file` take zenlm's own SentencePiece `.model` file or a Hugging
+Face tokenizer directory (tokenizer.json or tokenizer.model plus its configs; hf_tokenizer.py).
+
 Training options are chosen so that ``decode(encode(text)) == text`` for any text without
 U+2581 ("▁"): no normalization (``identity``), no whitespace collapsing, no dummy prefix, and
 byte fallback so that characters never seen in training (emoji, CJK, control characters) become
@@ -18,6 +21,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 from tqdm import tqdm
@@ -25,6 +29,9 @@ from tqdm import tqdm
 from zenlm.data.format import TokenizerInfo, sha256_file
 from zenlm.data.readers import BadInputError, DocumentReader, check_inputs
 from zenlm.errors import ZenlmError
+
+if TYPE_CHECKING:
+    from zenlm.data.hf_tokenizer import HFTokenizer
 
 VOCAB_MULTIPLE = 128
 """Vocabulary sizes are rounded up to this so embedding and LM-head shards stay aligned under TP."""
@@ -39,7 +46,7 @@ _MAX_SENTENCE_CHARS = MAX_SENTENCE_BYTES // 4  # a UTF-8 character is at most 4 
 
 
 class TokenizerError(ZenlmError, ValueError):
-    """A tokenizer file that is missing or not a usable SentencePiece model, or training that
+    """A tokenizer file or directory that is missing or not a usable tokenizer, or training that
     cannot produce the asked vocabulary; the message names the file and the fix."""
 
 
@@ -51,9 +58,15 @@ def round_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 def fingerprint_file(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file (the tokenizer fingerprint when given a .model file).
+    """The tokenizer fingerprint every corpus and checkpoint records.
 
-    A path that is not a readable file raises TokenizerError naming it."""
+    A SentencePiece .model file: the sha256 hex digest of the file. A Hugging Face tokenizer
+    directory: hf_tokenizer.hf_fingerprint (sha256 of a canonical form of what changes
+    tokenization; docs/data.md). A path that is neither raises TokenizerError naming it."""
+    if Path(path).is_dir():
+        from zenlm.data.hf_tokenizer import hf_fingerprint
+
+        return hf_fingerprint(path)
     _check_model_file(path)
     try:
         return sha256_file(path)
@@ -65,16 +78,23 @@ def _check_model_file(path: str | os.PathLike) -> None:
     p = Path(path)
     if not p.exists():
         raise TokenizerError(
-            f"{path}: no tokenizer model there (train one with tools/train_tokenizer.py)"
+            f"{path}: no tokenizer model there (train one with tools/train_tokenizer.py, or give "
+            "a Hugging Face tokenizer directory)"
         )
     if not p.is_file():
         raise TokenizerError(
-            f"{path}: is a directory, not a tokenizer model; give the .model file inside it"
+            f"{path}: is not a file or directory, not a tokenizer; give a SentencePiece .model "
+            "file or a Hugging Face tokenizer directory"
         )
     if p.stat().st_size == 0:
         raise TokenizerError(
             f"{path}: empty file, not a SentencePiece model (an interrupted write?); retrain it "
             "with tools/train_tokenizer.py"
+        )
+    if p.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        raise TokenizerError(
+            f"{path}: not a SentencePiece model but a Hugging Face tokenizer file; give the "
+            f"directory that holds it ({p.parent})"
         )
 
 
@@ -300,9 +320,15 @@ class Tokenizer:
         )
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a SentencePiece model; TokenizerError names the file when it is missing, not a
-    SentencePiece model, or lacks the EOS piece the corpus writer appends to every document."""
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer | HFTokenizer:
+    """Load a SentencePiece .model file (-> Tokenizer) or a Hugging Face tokenizer directory
+    (-> hf_tokenizer.HFTokenizer, same interface). TokenizerError names the file or directory
+    when it is missing, empty, not a tokenizer, or lacks the EOS the corpus writer appends to
+    every document."""
+    if Path(path).is_dir():
+        from zenlm.data.hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(path)
     _check_model_file(path)
     path = Path(path)
     try:
@@ -310,7 +336,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except (RuntimeError, OSError) as e:
         raise TokenizerError(
             f"{path}: not a SentencePiece model ({_spm_reason(e)}); give the .model file "
-            "tools/train_tokenizer.py wrote"
+            "tools/train_tokenizer.py wrote, or a Hugging Face tokenizer directory"
         ) from e
     if sp.eos_id() < 0:
         raise TokenizerError(
