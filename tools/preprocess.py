@@ -2,6 +2,10 @@
 
     python tools/preprocess.py data/*.jsonl.gz --tokenizer tokenizer.model --out corpus/ \
         --seq-len 4096 --valid-fraction 0.001
+    python tools/preprocess.py data/*.jsonl --tokenizer models/Qwen2-7B/ --out corpus/ --seq-len 4096
+
+--tokenizer is zenlm's SentencePiece .model file or a Hugging Face tokenizer directory
+(tokenizer.json, or a SentencePiece tokenizer.model, with tokenizer_config.json naming eos_token).
 
 Every flag, input file and the tokenizer are checked before any tokenizing; --out must be new,
 empty, or this same corpus (same inputs and settings: complete shards are then skipped). A run
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from zenlm.data.readers import BadInputError, ToolArgumentParser, add_input_arguments
@@ -25,7 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_input_arguments(p)
-    p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="SentencePiece .model file, or a Hugging Face tokenizer directory (tokenizer.json "
+        "or tokenizer.model, plus tokenizer_config.json / special_tokens_map.json)",
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -41,7 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{DEFAULT_VALID_FRACTION}; the split must get at least one sample; 0: no valid split, "
         "for training with validation off)",
     )
-    p.add_argument("--workers", type=int, default=None, help="encoder threads (default: all cores)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="encoder threads (default: all cores); with a tokenizer.json also the size of "
+        "tokenizers' own thread pool (RAYON_NUM_THREADS, unless set)",
+    )
     p.add_argument("--add-bos", action="store_true", help="put BOS before each document")
     p.add_argument(
         "--dtype",
@@ -55,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _main(a: argparse.Namespace) -> int:
     if not (math.isfinite(a.shard_size_mb) and a.shard_size_mb > 0):
         raise BadInputError(f"--shard-size-mb must be > 0, got {a.shard_size_mb}")
+    if a.workers is not None and a.workers >= 1:
+        # tokenizers (tokenizer.json) encodes on a Rust pool sized once, at its first use, and
+        # shared by the encoder threads: sized to --workers, N workers never run more threads.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(a.workers))
     r = preprocess_corpus(
         a.inputs,
         a.out,

@@ -1,16 +1,19 @@
 """Worker side of preprocess(): documents -> split by hash -> token ids with EOS.
 
-Kept apart from writer.py so that spawned worker processes import only numpy and SentencePiece
-(webdataset, imported by the writer, pulls in torch: seconds of start-up per worker).
+Kept apart from writer.py so that spawned worker processes import only numpy, the tokenizer
+module and its library (SentencePiece, or `tokenizers` for a Hugging Face tokenizer.json), not
+webdataset, which the writer imports and which pulls in torch: seconds of start-up per worker.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from itertools import chain
 
 import numpy as np
-import sentencepiece as spm
+
+from zenlm.data.tokenizer import load_tokenizer
 
 N_SPLITS = 2  # format.SPLITS = ("train", "valid"); index 0 and 1 below
 
@@ -27,12 +30,20 @@ def split_of(text: str, valid_fraction: float) -> int:
 
 
 class Encoder:
-    """Documents -> split + ids. Thread-safe: SentencePiece releases the GIL while encoding."""
+    """Documents -> split + ids. Thread-safe: SentencePiece and tokenizers release the GIL while
+    encoding a batch.
 
-    def __init__(self, model_path: str, add_bos: bool):
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        self.eos = self.sp.eos_id()
-        self.bos = self.sp.bos_id() if add_bos else -1
+    tokenizer_path is a SentencePiece .model file or a Hugging Face tokenizer directory
+    (tokenizer.load_tokenizer). A SentencePiece model encodes the batch on its own threads; a
+    tokenizer.json through tokenizers' `encode_batch` (its Rust thread pool, shared by all
+    threads of a process), without the post-processor's special tokens."""
+
+    def __init__(self, tokenizer_path: str, add_bos: bool):
+        tok = load_tokenizer(tokenizer_path)
+        sp = getattr(tok, "sp", None)
+        self._encode_batch = sp.encode if sp is not None else tok.encode_batch
+        self.eos = tok.eos_id
+        self.bos = tok.bos_id if add_bos else -1
 
     def __call__(
         self, docs: list[str], valid_fraction: float
@@ -41,7 +52,7 @@ class Encoder:
 
         Each document becomes [BOS] + ids + [EOS] (BOS only with add_bos); input order is kept
         within each split."""
-        ids = self.sp.encode(docs)
+        ids = self._encode_batch(docs)
         for x in ids:
             x.append(self.eos)
             if self.bos >= 0:
@@ -60,9 +71,12 @@ class Encoder:
 _WORKER_ENCODER: Encoder | None = None
 
 
-def init_worker(model_path: str, add_bos: bool) -> None:
+def init_worker(tokenizer_path: str, add_bos: bool) -> None:
+    """Build this worker process's Encoder. The pool's N processes are the parallelism, so
+    tokenizers' own thread pool is off in them (one core each, not N x all cores)."""
     global _WORKER_ENCODER
-    _WORKER_ENCODER = Encoder(model_path, add_bos)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_ENCODER = Encoder(tokenizer_path, add_bos)
 
 
 def encode_in_worker(docs: list[str], valid_fraction: float) -> list[tuple[np.ndarray, np.ndarray]]:

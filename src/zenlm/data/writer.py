@@ -10,6 +10,12 @@ with no start-up or pickling cost; the caller's Python work (JSON, tar) overlaps
 Processes (pool="process") also spread the hashing and id conversion, for machines where the
 GIL-holding part becomes the bottleneck (many cores). tools/bench/preprocess.py measures both.
 
+The tokenizer is a SentencePiece .model file or a Hugging Face tokenizer directory. With a
+tokenizer.json, `tokenizers` encodes each chunk with its Rust `encode_batch` (GIL released) on
+its own thread pool: the threads of this process share that one pool (so N threads never run
+more than the pool's threads; tools/preprocess.py sizes it to --workers), and each spawned worker
+process switches it off (TOKENIZERS_PARALLELISM=false), so N processes use N cores, not N x all.
+
 Invariants:
 - Document order, the split and the packing do not depend on num_workers or the chunk size:
   results are consumed in submission order and the packer is a sequential stream.
@@ -108,7 +114,7 @@ def _in_order(submit, chunks: Iterator[list[str]], max_in_flight: int) -> Iterat
 
 def _encoded(
     chunks: Iterator[list[str]],
-    model_path: str,
+    tokenizer_path: str,
     add_bos: bool,
     valid_fraction: float,
     num_workers: int,
@@ -116,18 +122,19 @@ def _encoded(
 ) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
     """Encoded chunks in input order, by num_workers threads or processes (1: this thread)."""
     if num_workers <= 1:
-        encoder = Encoder(model_path, add_bos)
+        encoder = Encoder(tokenizer_path, add_bos)
         yield from (encoder(c, valid_fraction) for c in chunks)
     elif pool == "thread":
-        encoder = Encoder(model_path, add_bos)  # shared: SentencePiece encode is thread-safe
+        encoder = Encoder(tokenizer_path, add_bos)  # shared: both libraries' encode is thread-safe
         with ThreadPoolExecutor(num_workers) as ex:
             yield from _in_order(
                 lambda c: ex.submit(encoder, c, valid_fraction), chunks, 2 * num_workers
             )
     else:
-        # spawn: safe whatever threads the caller runs. Each worker imports encode.py (numpy,
-        # sentencepiece) and whatever zenlm/data/__init__.py imports, once per run.
-        init = (model_path, add_bos)
+        # spawn: safe whatever threads the caller runs (also tokenizers' pool, which a fork after
+        # its use would disable). Each worker imports encode.py (numpy, the tokenizer library)
+        # and whatever zenlm/data/__init__.py imports, once per run.
+        init = (tokenizer_path, add_bos)
         with ProcessPoolExecutor(num_workers, mp.get_context("spawn"), init_worker, init) as ex:
             yield from _in_order(
                 lambda c: ex.submit(encode_in_worker, c, valid_fraction), chunks, 2 * num_workers
@@ -409,6 +416,12 @@ def preprocess_corpus(
         np_dtype = None
     if np_dtype not in (np.dtype("<u2"), np.dtype("<u4")):
         raise BadInputError(f"--dtype must be uint16 or uint32, got {dtype!r}")
+    if add_bos and tok.bos_id < 0:
+        raise BadInputError(
+            f"--add-bos: tokenizer {tokenizer_path} has no BOS token (no bos_token in its "
+            "tokenizer_config.json / special_tokens_map.json, or a model without one); drop "
+            "--add-bos"
+        )
     if tok.vocab_size > np.iinfo(np_dtype).max + 1:
         raise BadInputError(
             f"--dtype {np_dtype.name} cannot hold the ids of {tokenizer_path} "
