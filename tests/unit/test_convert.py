@@ -438,6 +438,13 @@ def test_refused_tensors(llama_dir: Path, tmp_path: Path, capsys) -> None:
     assert "model.layers.0.self_attn.k_proj.weight [40, 48]" in line
     assert "model.layers.1.self_attn.q_proj.bias" in line  # unexpected, in the same message
 
+    trunc = tmp_path / "e"
+    shutil.copytree(llama_dir, trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[:-100])
+    line = refused(capsys, "import", trunc, tmp_path / "o")
+    assert "model.safetensors" in line and "the file has" in line
+
     def untie(s):
         s["lm_head.weight"] = torch.randn_like(s["model.embed_tokens.weight"])
 

@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,12 @@ from zenlm.checkpoint.compat import check_compatible, expected_shapes
 from zenlm.checkpoint.hf_config import hf_config_from_model, model_config_from_hf
 from zenlm.checkpoint.hf_tensors import (
     EMBED,
+    SOURCE_DTYPES,
     TIED_HEAD,
     Source,
     plan_import,
+    read_into,
+    safetensors_entries,
     split_files,
     to_hf,
     write_streamed,
@@ -80,6 +84,62 @@ def tqdm_progress(total: int, desc: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=None)  # None: off when no TTY
+
+
+class ReadAhead:
+    """Tensors in write order, converted to `dtype`: tensor k+1 is read on a second thread
+    while tensor k is converted and written (readinto, copy_ and write all release the GIL).
+
+    Two read buffers alternate and one write buffer takes the converted copy, all reused for
+    every tensor (a large allocation freed and made again touches fresh pages, which on a VM
+    costs more than the conversion): memory is 2 x the largest tensor read + the largest
+    written. write_streamed has finished with tensor k before it asks for k + 1, so a buffer is
+    never refilled while it is being written."""
+
+    def __init__(
+        self,
+        order: list[str],
+        read: Callable[[str, torch.Tensor | None], torch.Tensor],
+        nbytes: Callable[[str], int],
+        dtype: torch.dtype,
+        buffered: bool = True,
+    ) -> None:
+        self.order, self.read, self.nbytes, self.dtype = order, read, nbytes, dtype
+        self.pos = {n: i for i, n in enumerate(order)}
+        self.buffered = buffered
+        self.bufs: dict[str, torch.Tensor] = {}
+        self.pool = ThreadPoolExecutor(1)
+        self.ahead: dict[str, Any] = {}
+
+    def _buf(self, kind: str, n: int) -> torch.Tensor:
+        buf = self.bufs.get(kind)
+        if buf is None or buf.numel() < n:
+            self.bufs.pop(kind, None)
+            buf = self.bufs[kind] = torch.empty(n, dtype=torch.uint8)
+        return buf[:n]
+
+    def _submit(self, i: int) -> Any:
+        name = self.order[i]
+        buf = self._buf(f"read{i % 2}", self.nbytes(name)) if self.buffered else None
+        return self.pool.submit(self.read, name, buf)
+
+    def get(self, name: str) -> torch.Tensor:
+        i = self.pos[name]
+        fut = self.ahead.pop(name, None) or self._submit(i)
+        t = fut.result()
+        if i + 1 < len(self.order) and self.order[i + 1] not in self.ahead:
+            self.ahead[self.order[i + 1]] = self._submit(i + 1)
+        if t.dtype == self.dtype:
+            return t
+        n = t.numel() * torch.empty((), dtype=self.dtype).element_size()
+        out = self._buf("write", n).view(self.dtype).view(t.shape)
+        out.copy_(t)
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.ahead.clear()
+        self.bufs.clear()
 
 
 def _check_out(out: Path) -> None:
@@ -176,9 +236,16 @@ def import_hf(
     sizes = {n: torch.Size(s).numel() * 4 for n, s in expected.items()}
     groups = split_files(sizes, max_file_bytes)
     bar = progress(len(expected), "import")
+    ahead = ReadAhead(
+        [n for g in groups for n in sorted(g)],  # write_streamed's order
+        lambda zname, buf: source.read(plan.tensors[zname].name, buf),
+        lambda zname: plan.tensors[zname].nbytes,
+        torch.float32,
+        buffered=not source.pickle,
+    )
 
     def produce(zname: str) -> torch.Tensor:
-        t = source.read(plan.tensors[zname].name).to(torch.float32)
+        t = ahead.get(zname)
         if bar is not None:
             bar.update(1)
         return t
@@ -191,7 +258,6 @@ def import_hf(
             specs = {n: (torch.float32, expected[n]) for n in group}
             files[fname] = write_streamed(tmp / fname, specs, produce)
             index.update(dict.fromkeys(group, fname))
-        source.release()
         if bar is not None:
             bar.close()
         body_yaml = yaml.safe_dump({"model": dataclasses.asdict(cfg)}, sort_keys=False)
@@ -222,7 +288,11 @@ def import_hf(
         write_json(tmp / META, meta)  # last: a directory without it is not a checkpoint
         return files
 
-    files = _atomically(out, body)
+    try:
+        files = _atomically(out, body)
+    finally:
+        ahead.close()
+        source.release()
     return ImportResult(
         out,
         cfg,
@@ -338,21 +408,28 @@ def export_hf(
         if len(groups) == 1
         else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
     )
+    entries = {f: safetensors_entries(ckpt / f) for f in sorted(set(index.values()))}
+    stored = {}
+    for hf_name, zname in hf_names.items():
+        src = entries[index[zname]].get(zname)
+        if src is None:
+            raise CheckpointError(f"{ckpt / index[zname]} holds no tensor {zname}")
+        if src.dtype not in SOURCE_DTYPES:
+            raise CheckpointError(f"{ckpt / index[zname]}: {zname} is {src.dtype}, not a float")
+        stored[hf_name] = src
     bar = progress(len(hf_names), "export")
+    ahead = ReadAhead(
+        [n for g in groups for n in sorted(g)],  # write_streamed's order
+        lambda hf_name, buf: read_into(stored[hf_name], buf),
+        lambda hf_name: stored[hf_name].nbytes,
+        torch_dtype,
+    )
 
     def produce(hf_name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        zname = hf_names[hf_name]
-        path = ckpt / index[zname]
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                t = f.get_tensor(zname)
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read tensor {zname}: {e}") from e
+        t = ahead.get(hf_name)
         if bar is not None:
             bar.update(1)
-        return t.to(torch_dtype)
+        return t
 
     def body(tmp: Path) -> list[str]:
         weight_map = {}
@@ -378,5 +455,8 @@ def export_hf(
                     copied.append(f)
         return copied
 
-    copied = _atomically(out, body)
+    try:
+        copied = _atomically(out, body)
+    finally:
+        ahead.close()
     return ExportResult(out, model_type, names, copied, time.perf_counter() - start)

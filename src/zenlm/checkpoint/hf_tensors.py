@@ -7,8 +7,9 @@ q/k in the rotate-half layout zenlm uses, so every tensor is copied as it is (no
 DROPPED lists source tensors skipped on purpose. Anything else is an error, and `plan_import`
 reports every offender at once (unknown, unexpected, missing, wrong shape, unsupported dtype).
 
-Memory: a tensor is read when it is written (safe_open is reopened per tensor so its mapping
-of the source file is released), so peak memory is about one source tensor plus its fp32 copy.
+Memory: a tensor is read (readinto at the offset its file's header gives, no mmap, into a
+buffer reused across tensors) only when it is written, so peak memory is about the largest
+source tensor plus its fp32 copy, whatever the size of the model.
 """
 
 from __future__ import annotations
@@ -101,31 +102,71 @@ def dropped_reason(hf_name: str) -> str | None:
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """One tensor of the source checkpoint, known from its file header (nothing read yet)."""
+    """One tensor of a checkpoint file, known from its header (nothing read yet)."""
 
     name: str
     file: Path
     dtype: str
     """safetensors dtype name (F32, BF16, ...)."""
     shape: tuple[int, ...]
+    start: int = 0
+    """Byte offset of its data in the file (safetensors)."""
+    nbytes: int = 0
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (8-byte length, then JSON): no tensor data read."""
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
+def safetensors_entries(path: Path) -> dict[str, SourceTensor]:
+    """The tensors a safetensors file holds, from its JSON header (8-byte length, then JSON),
+    checked against the file size: a truncated file fails here, before anything is written."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise ValueError("shorter than a header")
             (n,) = struct.unpack("<Q", raw)
-            if n > 100 << 20:
+            if n > min(size, 100 << 20):
                 raise ValueError(f"header of {n} bytes")
             header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("header is not a mapping")
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = info["data_offsets"]
+            shape = tuple(int(x) for x in info["shape"])
+            item = _ITEM_BYTES.get(info["dtype"])
+            if item is not None and b - a != torch.Size(shape).numel() * item:
+                raise ValueError(f"{name}: {b - a} bytes for {info['dtype']} {list(shape)}")
+            if not 0 <= a <= b <= size - 8 - n:
+                raise ValueError(f"{name} ends at byte {8 + n + b}, the file has {size}")
+            out[name] = SourceTensor(name, path, info["dtype"], shape, 8 + n + a, b - a)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a safetensors file (header is not a mapping)")
-    return header
+    return out
+
+
+def read_into(src: SourceTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor's bytes read with readinto (no mmap), into `out` (a uint8 buffer of at least
+    src.nbytes, reused across tensors so no fresh pages are touched) or a new buffer."""
+    buf = torch.empty(src.nbytes, dtype=torch.uint8) if out is None else out[: src.nbytes]
+    view = memoryview(buf.numpy())
+    try:
+        with open(src.file, "rb", buffering=0) as f:
+            f.seek(src.start)
+            done = 0
+            while done < src.nbytes:  # one read(2) returns at most ~2 GiB
+                got = f.readinto(view[done : done + _CHUNK * 4])
+                if not got:
+                    raise OSError(f"file ends {src.nbytes - done} bytes early")
+                done += got
+    except OSError as e:
+        raise CheckpointError(f"{src.file}: cannot read tensor {src.name}: {e}") from e
+    return buf.view(SOURCE_DTYPES.get(src.dtype, torch.uint8)).view(src.shape)
 
 
 class Source:
@@ -139,13 +180,13 @@ class Source:
         self._cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         files = self._files(allow_pickle)
         for path in files:
-            for name, dtype, shape in self._entries(path):
-                if name in self.tensors:
+            for t in self._entries(path):
+                if t.name in self.tensors:
                     raise CheckpointError(
-                        f"{self.dir}: tensor {name} is in both {self.tensors[name].file.name} "
-                        f"and {path.name}"
+                        f"{self.dir}: tensor {t.name} is in both "
+                        f"{self.tensors[t.name].file.name} and {path.name}"
                     )
-                self.tensors[name] = SourceTensor(name, path, dtype, shape)
+                self.tensors[t.name] = t
         self.files = files
         if self.index is not None:
             wrong = sorted(
@@ -191,18 +232,18 @@ class Source:
             f"{d} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
         )
 
-    def _entries(self, path: Path) -> Iterable[tuple[str, str, tuple[int, ...]]]:
+    def _entries(self, path: Path) -> Iterable[SourceTensor]:
         if self.pickle:
             state = self._load_pickle(path)
             for name, t in state.items():
                 if not isinstance(t, torch.Tensor):
                     raise CheckpointError(f"{path}: {name} is not a tensor")
-                yield name, ST_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)
+                yield SourceTensor(
+                    name, path, ST_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)
+                )
             return
-        for name, info in safetensors_header(path).items():
-            if name == "__metadata__":
-                continue
-            yield name, info["dtype"], tuple(info["shape"])
+        for t in safetensors_entries(path).values():
+            yield t
 
     def _load_pickle(self, path: Path) -> dict[str, torch.Tensor]:
         if self._cache is None or self._cache[0] != path:
@@ -213,18 +254,12 @@ class Source:
             self._cache = (path, state)
         return self._cache[1]
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, as stored (the file is opened for this tensor only)."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor, as stored; `out`: a reusable uint8 buffer (see read_into)."""
         src = self.tensors[name]
         if self.pickle:
             return self._load_pickle(src.file)[name]
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(src.file), framework="pt", device="cpu") as f:
-                return f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own SafetensorError
-            raise CheckpointError(f"{src.file}: cannot read tensor {name}: {e}") from e
+        return read_into(src, out)
 
     def release(self) -> None:
         self._cache = None
