@@ -47,7 +47,8 @@ class DataConfig:
     corpora: list[CorpusConfig] = field(default_factory=list)
     """Training corpora, blended by weight. Validation uses their 'valid' splits."""
     tokenizer_path: str = ""
-    """SentencePiece model; its sha256 must equal each corpus's tokenizer fingerprint."""
+    """zenlm's SentencePiece .model file, or a Hugging Face tokenizer directory (tokenizer.json
+    or tokenizer.model + tokenizer_config.json); its fingerprint must equal each corpus's."""
     seq_len_tokens: int = 128
     """Tokens per training sequence; must equal the corpora's seq_len."""
     global_batch_size_seqs: int = 8

@@ -81,7 +81,8 @@ def check_tokenizer(cfg: RunConfig) -> tuple[str | None, int | None]:
     key = f"data.tokenizer_path={raw}"
     if not path.exists():
         raise ConfigError(
-            f"{key}: no such file; give the .model file tools/train_tokenizer.py wrote"
+            f"{key}: no such file or directory; give the .model file tools/train_tokenizer.py "
+            "wrote, or a Hugging Face tokenizer directory"
         )
     if path.is_dir():
         if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
