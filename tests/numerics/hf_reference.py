@@ -1,6 +1,7 @@
 """The single-process reference of the layout matrix. It shares no code with zenlm's training path.
 
-- Data: an independent reader (json + tarfile + numpy) of a corpus written by tools/preprocess.py,
+- Data: an independent reader (json + tarfile + numpy) of a corpus written by tools/preprocess.py
+  (or tools/preprocess_sft.py: its uint8 loss mask sets the labels of uncounted tokens to -100),
   in the global order that docs/loader.md documents: per epoch, shards in a permutation keyed by
   (seed, corpus, epoch, 0), cut into windows of 16 shards whose samples are permuted jointly,
   keyed by (seed, corpus, epoch, 1, window); a permutation keyed by K is the stable argsort of
@@ -42,13 +43,14 @@ def permutation(n: int, key: tuple[int, ...]) -> np.ndarray:
 class Split:
     tokens: list[np.ndarray]  # per shard: (samples, seq_len + 1) int64
     doc_starts: list[list[np.ndarray]]  # per shard, per sample: uint32 starts
+    loss_masks: list[np.ndarray] | None = None  # per shard: (samples, seq_len + 1) 0/1 (SFT)
 
 
 def read_split(corpus: Path, split: str) -> Split:
     manifest = json.loads((corpus / "manifest.json").read_text())
     dtype = np.dtype(manifest["dtype"])
     length = manifest["seq_len"] + 1
-    tokens, starts = [], []
+    tokens, starts, masks = [], [], []
     for shard in manifest["splits"][split]["shards"]:
         by_key: dict[str, dict[str, bytes]] = {}
         with tarfile.open(corpus / shard["path"]) as tar:
@@ -62,6 +64,16 @@ def read_split(corpus: Path, split: str) -> Split:
             rows.append(np.frombuffer(by_key[k][tok_ext], dtype=dtype).astype(np.int64))
         assert all(len(r) == length for r in rows)
         tokens.append(np.stack(rows))
+        # SFT corpora: a uint8 "lossmask" member, 1 where the token's prediction counts.
+        mask_rows = [
+            np.frombuffer(v, np.uint8).astype(np.int64)
+            for k in keys
+            for e, v in by_key[k].items()
+            if e.startswith("lossmask")
+        ]
+        if mask_rows:
+            assert len(mask_rows) == len(rows) and all(len(r) == length for r in mask_rows)
+            masks.append(np.stack(mask_rows))
         starts.append(
             [
                 np.frombuffer(
@@ -70,7 +82,7 @@ def read_split(corpus: Path, split: str) -> Split:
                 for k in keys
             ]
         )
-    return Split(tokens, starts)
+    return Split(tokens, starts, masks or None)
 
 
 def train_order(split: Split, seed: int, count: int, corpus_index: int = 0) -> list[tuple]:
@@ -92,9 +104,13 @@ def train_order(split: Split, seed: int, count: int, corpus_index: int = 0) -> l
 def batch_of(split: Split, pairs: list[tuple], document_masking: bool) -> dict[str, torch.Tensor]:
     rows = np.stack([split.tokens[s][m] for s, m in pairs])
     seq = rows.shape[1] - 1
+    labels = rows[:, 1:].copy()
+    if split.loss_masks is not None:  # the prediction of token t+1 counts where its mask is 1
+        mask = np.stack([split.loss_masks[s][m] for s, m in pairs])
+        labels[mask[:, 1:] == 0] = -100
     out = {
         "input_ids": torch.from_numpy(rows[:, :-1].copy()),
-        "labels": torch.from_numpy(rows[:, 1:].copy()),
+        "labels": torch.from_numpy(labels),
     }
     if document_masking:
         positions = np.zeros((len(pairs), seq), np.int64)
@@ -196,9 +212,12 @@ def _loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum of token losses, correct next-token predictions, tokens) of one micro batch."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()
-    losses = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
-    correct = (logits.argmax(-1) == batch["labels"]).sum()
-    return losses, correct, torch.tensor(batch["labels"].numel())
+    labels = batch["labels"]
+    losses = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100
+    )
+    correct = ((logits.argmax(-1) == labels) & (labels != -100)).sum()
+    return losses, correct, (labels != -100).sum()
 
 
 def reference_run(cfg, corpus: Path, steps: int, initial: dict[str, torch.Tensor]) -> dict:

@@ -21,7 +21,10 @@ and 4 ranks, ZeRO 0-3, plus the feature coverage: GQA and MQA, Qwen2 q/k/v biase
 embeddings (PP 1, PP > 1, ZeRO-2 and -3), document masking (PP 1 and PP > 1), SP, full and
 selective AC (also with ZeRO-2/3 and SP), the vocabulary padding path (384 is a multiple of 128
 but not of 128 x TP at TP 2, and padded to 512 at TP 4 too), a parameter-count stage split that
-differs from the layer split, and bf16 at two layouts against the fp32 reference.
+differs from the layer split, bf16 at two layouts against the fp32 reference, and supervised
+fine-tuning (a tools/preprocess_sft.py corpus: loss on completion tokens only, so micro batches
+count different token numbers and the step loss must be the global token mean) at DP 2,
+PP 2 x DP 2 and TP 2 x PP 2 x DP 2 with SP.
 
 Which cases run at 8 ranks, and why: one case per (TP, PP, DP) factorisation of 8 (8 cases,
 ZeRO-1 wherever DP > 1). ZeRO-2/3 run only at 2 and 4 ranks: they need PP = 1, so at 8 ranks they
@@ -44,7 +47,7 @@ import torch
 
 from zenlm.config import load_config
 from zenlm.testing.distributed import run_distributed
-from zenlm.testing.text_corpus import build_text_corpus
+from zenlm.testing.text_corpus import build_sft_corpus, build_text_corpus
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "debug.yaml")
 STEPS = 10
@@ -86,6 +89,10 @@ VARIANTS = {
     # A small MLP makes the embedding and head heavier than a block, so the parameter split at
     # PP 4 puts no block on the first and last stages: it differs from the layer split.
     "split": ["model.num_kv_heads=4", "model.intermediate_size=16"],
+    # Supervised fine-tuning: the corpus of tools/preprocess_sft.py (prompt/completion pairs,
+    # loss on completion tokens only, whole examples packed with document masking). Micro
+    # batches count different token numbers, so only a global token mean matches here.
+    "sft": ["model.num_kv_heads=2"],
 }
 TOLERANCE = 1e-5
 # bf16 against the fp32 reference. bf16 keeps 8 significant bits (unit roundoff u = 2^-9 =
@@ -153,6 +160,7 @@ CASES = [
     Case(1, 1, 2, 1, "gqa"),
     Case(1, 1, 2, 2, "tied"),
     Case(1, 1, 2, 3, "qwen2", ac="full"),
+    Case(1, 1, 2, 1, "sft"),
     Case(2, 1, 1, 0, "mha"),
     Case(2, 1, 1, 0, "gqa", ac="selective", sp=True),
     Case(1, 2, 1, 0, "doc", workers=2),
@@ -170,6 +178,7 @@ CASES = [
     Case(1, 4, 1, 0, "split", split="parameters"),
     Case(1, 4, 1, 0, "mha", ac="full"),
     Case(2, 2, 1, 1, "mha", precision="bf16"),
+    Case(1, 2, 2, 1, "sft", workers=0),
     # 8 ranks: one case per factorisation (see the module docstring)
     Case(4, 2, 1, 0, "mha", sp=True, workers=0),
     Case(2, 4, 1, 0, "gqa", workers=0),
@@ -179,6 +188,7 @@ CASES = [
     Case(2, 1, 4, 1, "qwen2", sp=True, workers=0),
     Case(1, 2, 4, 1, "doc", ac="full", workers=0),
     Case(1, 1, 8, 1, "mha", workers=0),
+    Case(2, 2, 2, 1, "sft", sp=True, workers=0),
 ]
 
 
@@ -235,7 +245,7 @@ def _probe(trainer) -> dict:
     return probe
 
 
-def _run_cases(rank, world_size, cases, corpus_overrides, run_dir):
+def _run_cases(rank, world_size, cases, corpus_overrides, run_dir, sft_overrides=()):
     import torch.nn.functional as F
 
     from zenlm.model import layers
@@ -249,6 +259,7 @@ def _run_cases(rank, world_size, cases, corpus_overrides, run_dir):
             [
                 *BASE,
                 *corpus_overrides,
+                *(sft_overrides if case.variant == "sft" else ()),
                 *case.overrides(),
                 f"logging.run_dir={run_dir}",
                 f"logging.run_name=case{i}",
@@ -293,7 +304,12 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def references(corpus):
+def sft_corpus(corpus, tmp_path_factory):
+    return build_sft_corpus(tmp_path_factory.mktemp("sft_corpus"), corpus)
+
+
+@pytest.fixture(scope="module")
+def references(corpus, sft_corpus):
     """One plain-PyTorch reference per model variant (fp32, one process)."""
     from hf_reference import reference_run
 
@@ -302,10 +318,11 @@ def references(corpus):
 
     out = {}
     for variant in sorted({c.variant for c in CASES}):
-        cfg = config(variant, corpus.overrides())
+        data = sft_corpus if variant == "sft" else corpus
+        cfg = config(variant, data.overrides())
         factory = PlainFactory()
         initial = full_state_dict(Transformer(cfg.model, factory, seed=cfg.runtime.seed), factory)
-        out[variant] = reference_run(cfg, corpus.corpus, STEPS, initial)
+        out[variant] = reference_run(cfg, data.corpus, STEPS, initial)
     return out
 
 
@@ -356,6 +373,8 @@ def test_case_list_covers_every_layout_and_feature():
     for zero in (2, 3):
         assert have(lambda c, z=zero: c.zero == z and c.sp and c.ac != "none")
     assert have(lambda c: c.variant == "split" and c.split == "parameters")
+    assert {c.world_size for c in CASES if c.variant == "sft"} == {2, 4, 8}
+    assert have(lambda c: c.variant == "sft" and c.pp > 1 and c.tp > 1)
     assert len({(c.tp, c.pp, c.dp) for c in CASES if c.precision == "bf16"}) == 2
     assert {c.ac for c in CASES} == {"none", "full", "selective"}
     assert {c.tp for c in CASES if c.variant in ("mha", "tied")} >= {2, 4}  # padding path
@@ -390,14 +409,14 @@ def _stage_blocks(case: Case, per_rank: list[list[dict]], index: int) -> list[li
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
-def test_every_layout_matches_the_reference(world_size, corpus, references, tmp_path):
+def test_every_layout_matches_the_reference(world_size, corpus, sft_corpus, references, tmp_path):
     for variant, ref in references.items():
         assert ref["losses"][-1] < ref["losses"][0] - 0.1, f"reference {variant} does not train"
     cases = [c for c in CASES if c.world_size == world_size]
     per_rank = run_distributed(
         _run_cases,
         world_size,
-        args=(cases, corpus.overrides(), str(tmp_path)),
+        args=(cases, corpus.overrides(), str(tmp_path), sft_corpus.overrides()),
         timeout_s=1500,
     )
     failures, lines = [], []

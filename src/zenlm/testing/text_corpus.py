@@ -125,3 +125,62 @@ def build_text_corpus(
         ],
     )
     return TextCorpus(tokenizer, corpus, vocab_size, seq_len)
+
+
+def write_sft(path: Path, num_examples: int, seed: int = 0) -> Path:
+    """JSONL of {"prompt", "completion"} pairs over write_text's word list: the prompt asks to
+    repeat 1-4 words in reverse, the completion does it (learnable from the prompt alone, and
+    prompts and completions differ in length, so micro batches count different token numbers)."""
+    same = np.random.default_rng(0)  # write_text(seed=0)'s word list: the tokenizer knows it
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qu", "do"]
+    words = sorted({"".join(same.choice(syllables, size=same.integers(1, 4))) for _ in range(400)})
+    rng = np.random.default_rng(seed + 100)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(num_examples):
+            chosen = [words[int(i)] for i in rng.integers(0, len(words), int(rng.integers(1, 5)))]
+            prompt = f"Reverse: {' '.join(chosen)}\nAnswer:"
+            completion = " " + " ".join(reversed(chosen)) + "."
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class SFTCorpus:
+    tokenizer: Path
+    corpus: Path
+    vocab_size: int
+    seq_len: int
+
+    def overrides(self) -> list[str]:
+        """The data keys of a fine-tuning run on this corpus (loss only on completions)."""
+        return [
+            f"data.corpora=[{{path: {self.corpus}, weight: 1.0}}]",
+            f"data.tokenizer_path={self.tokenizer}",
+            f"data.seq_len_tokens={self.seq_len}",
+            f"model.vocab_size={self.vocab_size}",
+            "model.document_masking=true",
+        ]
+
+
+def build_sft_corpus(
+    out_dir: str | os.PathLike,
+    text: TextCorpus,
+    num_examples: int = 1200,
+    valid_fraction: float = 0.1,
+) -> SFTCorpus:
+    """Prompt/completion pairs -> tools/preprocess_sft.py (the CLI) with `text`'s tokenizer."""
+    out = Path(out_dir)
+    jsonl = out / "sft.jsonl"
+    if not jsonl.exists():
+        write_sft(jsonl, num_examples)
+    corpus = out / "corpus"
+    _run_tool(
+        "preprocess_sft.py",
+        [
+            *(str(jsonl), "--tokenizer", str(text.tokenizer), "--out", str(corpus)),
+            *("--seq-len", str(text.seq_len), "--valid-fraction", str(valid_fraction)),
+            *("--shard-size-mb", "0.05", "--no-progress"),
+        ],
+    )
+    return SFTCorpus(text.tokenizer, corpus, text.vocab_size, text.seq_len)
