@@ -7,7 +7,8 @@ on a corpus written by the CLIs. The reference (hf_reference.py) trains transfor
 from the same HF weights (mapped by name here, not by the converter) in a plain PyTorch loop:
 every step's loss and grad norm within 1e-5 relative, as in the layout matrix. So the import is
 right at TP > 1 and PP > 1 (vocabulary padded to 512 at TP 2), the load reads the right slices,
-and no init is drawn over the loaded weights.
+and no init is drawn over the loaded weights. A second model, transformers' Qwen2 with q/k/v
+biases (randomised) and tied embeddings, goes the same way.
 
 Round trip: the same 4-rank run saves before its first step (weights only changed by nothing),
 `tools/convert.py export` writes a HF directory, and every tensor equals the original bit for
@@ -56,14 +57,37 @@ TO_ZENLM = {
 LAYER = {
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "mlp_norm.weight",
-    **{f"self_attn.{p}_proj.weight": f"attention.{p}_proj.weight" for p in "qkvo"},
+    **{
+        f"self_attn.{p}_proj.{t}": f"attention.{p}_proj.{t}"
+        for p in "qkvo"
+        for t in ("weight", "bias")
+    },
     **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
 }
 
 
-def zenlm_names(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=172,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+QWEN2 = ["model.qkv_bias=true", "model.tie_word_embeddings=true"]
+"""A Qwen2-shaped second model: q/k/v biases and tied embeddings (at PP 2 the embedding's copy
+lives on both stages), imported from transformers' Qwen2ForCausalLM."""
+
+
+def zenlm_names(hf_state: dict[str, torch.Tensor], tied: bool = False) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in hf_state.items():
+        if tied and key == "lm_head.weight":
+            continue
         if key in TO_ZENLM:
             out[TO_ZENLM[key]] = value
         else:
@@ -82,26 +106,29 @@ def _convert(*args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def _runs(rank, world_size, corpus_overrides, imported, run_dir):
+def _runs(rank, world_size, corpus_overrides, imported, qwen2, run_dir):
     from zenlm.train.trainer import Trainer
 
-    def cfg(name, extra=()):
+    def cfg(name, init, extra=()):
         return load_config(
             CONFIG,
-            [*BASE, *corpus_overrides, f"checkpoint.init_from={imported}", *extra,
+            [*BASE, *corpus_overrides, f"checkpoint.init_from={init}", *extra,
              f"logging.run_dir={run_dir}", f"logging.run_name={name}"],
         )  # fmt: skip
 
-    trainer = Trainer(cfg("finetune"))
-    history = trainer.fit()
-    trainer.close()
-    saver = Trainer(cfg("saved"))
+    out = {}
+    for name, init, extra in [("finetune", imported, ()), ("qwen2", qwen2, QWEN2)]:
+        trainer = Trainer(cfg(name, init, extra))
+        history = trainer.fit()
+        trainer.close()
+        out[name] = {
+            "losses": [h["train/loss"] for h in history],
+            "grad_norms": [h["train/grad_norm"] for h in history],
+        }
+    saver = Trainer(cfg("saved", imported))
     saver.checkpoints.save()  # step 0: the imported weights as loaded at TP2 x PP2
     saver.close()
-    return {
-        "losses": [h["train/loss"] for h in history],
-        "grad_norms": [h["train/grad_norm"] for h in history],
-    }
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -110,49 +137,66 @@ def setup(tmp_path_factory):
     corpus = build_text_corpus(root / "data")
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=corpus.vocab_size,
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
+        **SHAPE, vocab_size=corpus.vocab_size, tie_word_embeddings=False
     )
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # transformers zero-inits nothing here, but make norms non-trivial
+    model = _nontrivial(transformers.LlamaForCausalLM(hf_cfg))
+    qwen2 = _nontrivial(
+        transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(
+                **{**SHAPE, "vocab_size": corpus.vocab_size, "tie_word_embeddings": True}
+            )
+        )
+    )
+    imported = {}
+    for name, m in (("llama", model), ("qwen2", qwen2)):
+        m.save_pretrained(root / f"hf-{name}", safe_serialization=True)
+        imported[name] = root / f"imported-{name}"
+        _convert("import", str(root / f"hf-{name}"), str(imported[name]))
+    per_rank = run_distributed(
+        _runs,
+        4,
+        args=(
+            corpus.overrides(),
+            str(imported["llama"]),
+            str(imported["qwen2"]),
+            str(root / "runs"),
+        ),
+        timeout_s=900,
+    )
+    return root, corpus, {"finetune": model, "qwen2": qwen2}, per_rank
+
+
+def _nontrivial(model):
+    """Random norms and biases (transformers initialises them to 1 and 0)."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    hf_dir = root / "hf"
-    model.save_pretrained(hf_dir, safe_serialization=True)
-    imported = root / "imported"
-    _convert("import", str(hf_dir), str(imported))
-    per_rank = run_distributed(
-        _runs, 4, args=(corpus.overrides(), str(imported), str(root / "runs")), timeout_s=900
-    )
-    return root, corpus, model, per_rank
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.02)
+    return model.eval()
 
 
-def test_finetune_from_import_matches_transformers(setup):
+@pytest.mark.parametrize("name", ["finetune", "qwen2"])
+def test_finetune_from_import_matches_transformers(setup, name):
     from hf_reference import reference_run
 
-    _, corpus, model, per_rank = setup
-    cfg = load_config(CONFIG, [*BASE, *corpus.overrides()])
-    initial = zenlm_names({k: v.detach().clone() for k, v in model.state_dict().items()})
+    _, corpus, models, per_rank = setup
+    extra = QWEN2 if name == "qwen2" else []
+    cfg = load_config(CONFIG, [*BASE, *corpus.overrides(), *extra])
+    state = {k: v.detach().clone() for k, v in models[name].state_dict().items()}
+    initial = zenlm_names(state, tied=name == "qwen2")
     ref = reference_run(cfg, corpus.corpus, STEPS, initial)
-    for r in per_rank:
+    for rank in per_rank:
+        r = rank[name]
         assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5), (r["losses"], ref["losses"])
         assert r["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
     assert ref["losses"][-1] < ref["losses"][0]
 
 
 def test_round_trip_through_a_tp2_pp2_run_is_bit_exact(setup):
-    root, corpus, model, _ = setup
+    root, corpus, models, _ = setup
+    model = models["finetune"]
     ckpt = root / "runs" / "saved" / "checkpoints" / "step_00000000"
     out = root / "exported"
     _convert("export", str(ckpt), str(out), "--dtype", "fp32")
