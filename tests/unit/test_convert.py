@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from zenlm.checkpoint import verify
 from zenlm.checkpoint.compat import check_compatible, expected_shapes
 from zenlm.checkpoint.hf_config import DEFAULTS, HFConfigError, model_config_from_hf
-from zenlm.checkpoint.hf_tensors import TENSOR_MAP, write_streamed
+from zenlm.checkpoint.hf_io import write_streamed
+from zenlm.checkpoint.hf_tensors import TENSOR_MAP
 from zenlm.checkpoint.io import read_tensors, write_tensors
 from zenlm.model import PlainFactory, Transformer, load_full_state_dict
 from zenlm.testing.cli_probe import REPO, run_tool_probe
@@ -321,8 +323,28 @@ def test_export_of_training_layout_names_and_tokenizer(tmp_path: Path) -> None:
     assert err < 0.1  # bf16 weights
 
 
-def test_streamed_writer_is_write_tensors(tmp_path: Path) -> None:
-    tensors = {"b": torch.randn(3, 5), "a": torch.randn(7), "c": torch.zeros(0, 4)}
+@pytest.mark.parametrize("direct", [True, False])
+def test_streamed_io_is_write_tensors(tmp_path: Path, monkeypatch, direct: bool) -> None:
+    """The streamed writer's file equals write_tensors' byte for byte, through O_DIRECT (with a
+    padded, truncated last block) and buffered, with staging buffers far smaller than a tensor;
+    ranged reads at unaligned offsets return the same tensors."""
+    from zenlm.checkpoint import hf_io
+    from zenlm.checkpoint.hf_tensors import read_into, safetensors_entries
+
+    monkeypatch.setattr(hf_io, "STAGE_BYTES", 2 * hf_io.ALIGN)
+    if not direct:
+        monkeypatch.setattr(hf_io, "_O_DIRECT", 0)
+    fd, is_direct = hf_io._open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT)
+    os.close(fd)
+    if direct and not is_direct:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "b": torch.randn(37, 51, generator=gen),
+        "a": torch.randn(7, generator=gen).to(torch.bfloat16),  # odd bf16 length: next is unaligned
+        "c": torch.zeros(0, 4),
+        "d": torch.randn(3000, generator=gen),
+    }
     ref = write_tensors(tmp_path / "ref.safetensors", tensors)
     got = write_streamed(
         tmp_path / "got.safetensors",
@@ -337,6 +359,23 @@ def test_streamed_writer_is_write_tensors(tmp_path: Path) -> None:
         torch.equal(v, tensors[k])
         for k, v in read_tensors(tmp_path / "got.safetensors", got).items()
     )
+    buf = hf_io.aligned_empty(hf_io.read_span(4 * 3000))
+    for name, src in safetensors_entries(tmp_path / "got.safetensors").items():
+        assert torch.equal(read_into(src, buf), tensors[name]), name
+        assert torch.equal(read_into(src), tensors[name]), name
+
+
+def test_import_export_buffered_io(tmp_path: Path, monkeypatch) -> None:
+    """Where O_DIRECT is refused (tmpfs), the same import and export run buffered."""
+    from zenlm.checkpoint import hf_io
+
+    monkeypatch.setattr(hf_io, "_O_DIRECT", 0)
+    hf = make_hf("qwen2")
+    src = save_hf(hf, tmp_path / "hf")
+    assert cli("import", src, tmp_path / "ckpt") == 0
+    assert cli("export", tmp_path / "ckpt", tmp_path / "out", "--dtype", "fp32") == 0
+    before, after = hf_state(src), hf_state(tmp_path / "out")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_tensor_map_is_complete() -> None:

@@ -1,7 +1,7 @@
 """HF import: peak memory against the largest tensor, throughput against a file copy.
 
     python tools/bench/convert.py [--layers 5 --hidden 4096 --intermediate 11008 --vocab 32000
-                                   --repeats 1 --dir /tmp]
+                                   --repeats 1 --dir /tmp]     # ~1 min per 2 repeats
 
 Writes a synthetic Llama-7B-shaped Hugging Face checkpoint (random bf16 tensors, `--layers`
 blocks, shards of ~1 GB with model.safetensors.index.json, a Llama config.json) into a temp dir,
@@ -10,10 +10,12 @@ then alternates, in one run:
     copy of the same bytes on the same disk);
   - import: `python tools/convert.py import SRC OUT` in a subprocess (bf16 read, fp32 write:
     twice the bytes written, CRC-32, fsync, meta.json, rename);
-  - raw write: the import's output size written from memory (64 MiB pieces, fsync per 2 GiB
-    file), i.e. what the disk allows for the bytes the import must write, as a second baseline.
-Before each pass the source shards' pages are dropped (posix_fadvise DONTNEED), so both read
-from the disk. MB/s = source bytes / seconds; ratio = import / copy (target >= 0.5), with the
+  - raw write: the import's output size written from memory (64 MiB pieces, O_DIRECT as the
+    import writes, fsync per 2 GiB file), i.e. what the disk allows for the bytes the import
+    must write, as a second baseline.
+Before each pass the source shards' pages (and the last copy's) are dropped (posix_fadvise
+DONTNEED), so every pass reads from the disk; an untimed buffered write of 2 x the source + 1 GB
+comes first (this VM's first use of fresh memory for the page cache is 2-3x slower). MB/s = source bytes / seconds; ratio = import / copy (target >= 0.5), with the
 import timed as the whole process (interpreter and torch start-up included) and as the tool's
 own time (its printed seconds). Peak RSS of the import process (its VmHWM at exit) is
 compared with the largest tensor, as stored (fp32) and as read (bf16): target <= 2 x largest
@@ -120,22 +122,32 @@ def copy_pass(files: list[Path], dst: Path) -> float:
     return time.perf_counter() - start
 
 
-def raw_write_pass(dst: Path, total: int, file_bytes: int = 2 << 30) -> float:
+def raw_write_pass(dst: Path, total: int, direct: bool = True, file_bytes: int = 2 << 30) -> float:
     """Write `total` bytes (the import's output size) from memory into files of file_bytes, in
-    64 MiB pieces, fsync per file: what the disk allows for the import's output alone."""
+    64 MiB pieces, with O_DIRECT as the import writes (buffered where refused, or when not
+    `direct`), fsync per file: what the disk allows for the import's output alone."""
+    import torch
+
+    from zenlm.checkpoint import hf_io
+
     dst.mkdir()
-    piece = memoryview(os.urandom(64 << 20))
+    piece = hf_io.aligned_empty(64 << 20)
+    piece.copy_(torch.frombuffer(bytearray(os.urandom(64 << 20)), dtype=torch.uint8))
+    view = memoryview(piece.numpy())
     start = time.perf_counter()
     k = 0
     while total > 0:
-        n = min(total, file_bytes)
-        with open(dst / f"raw-{k}", "wb") as f:
+        n = -(-min(total, file_bytes) // 4096) * 4096
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = hf_io._open(dst / f"raw-{k}", flags)[0] if direct else os.open(dst / f"raw-{k}", flags)
+        try:
             left = n
             while left > 0:
-                left -= f.write(piece[: min(left, len(piece))])
-            f.flush()
-            os.fsync(f.fileno())
-        total -= n
+                left -= os.write(fd, view[: min(left, len(view))])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        total -= min(total, file_bytes)
         k += 1
     return time.perf_counter() - start
 
@@ -196,6 +208,12 @@ def main() -> None:
             f"source: {total / 1e9:.2f} GB bf16 in {len(files)} shards, {len(sizes)} tensors "
             f"(written in {time.perf_counter() - t0:.0f} s)"
         )
+        # Warm-up, untimed: on this VM the first use of fresh guest memory for the page cache
+        # costs several times a normal write (5 GB: 15 s of sys time once, 5 s after), so
+        # every timed pass must find recycled pages, not only the ones that happen to come later.
+        warm = raw_write_pass(work / "warmup", 2 * total + (1 << 30), direct=False)
+        shutil.rmtree(work / "warmup")
+        print(f"warm-up write of {(2 * total + (1 << 30)) / 1e9:.1f} GB: {warm:.1f} s")
         rows: dict[str, list[float]] = {
             "copy": [],
             "import": [],
@@ -207,6 +225,7 @@ def main() -> None:
         for r in range(a.repeats):
             drop_pages(files)
             rows["copy"].append(copy_pass(files, work / f"copy{r}"))
+            drop_pages(sorted((work / f"copy{r}").iterdir()))  # the next round starts alike
             shutil.rmtree(work / f"copy{r}")
             drop_pages(files)
             wall, tool, rss, cpu = import_pass(src, work / f"ckpt{r}")
@@ -222,16 +241,23 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in rows.items()}
         mb = total / 1e6
         print(f"import wrote {written / 1e9:.2f} GB (fp32)")
-        print("| pass | seconds | MB/s (source bytes) | ratio to copy |")
-        print("| --- | --- | --- | --- |")
-        print(f"| copy (copyfile + fsync) | {med['copy']:.1f} | {mb / med['copy']:,.0f} | 1.00 |")
+
+        def rounds(key: str, base: str = "copy") -> str:
+            return ", ".join(f"{c / i:.2f}" for c, i in zip(rows[base], rows[key], strict=True))
+
+        print("| pass | median s | MB/s (source bytes) | ratio to copy | each round's ratio |")
+        print("| --- | --- | --- | --- | --- |")
+        print(
+            f"| copy (copyfile + fsync) | {med['copy']:.1f} | {mb / med['copy']:,.0f} | 1.00 | "
+            f"{', '.join(f'{c:.1f} s' for c in rows['copy'])} |"
+        )
         for key, label in (
             ("import", "import, whole process"),
             ("import_tool", "import, tool time"),
         ):
             print(
                 f"| {label} | {med[key]:.1f} | {mb / med[key]:,.0f} | "
-                f"{med['copy'] / med[key]:.2f} |"
+                f"{med['copy'] / med[key]:.2f} | {rounds(key)} |"
             )
         print(
             f"import CPU time (user + sys, all threads): {med['import_cpu']:.1f} s; load "
@@ -239,8 +265,9 @@ def main() -> None:
         )
         print(
             f"raw write of the import's {written / 1e9:.2f} GB output alone (from memory, "
-            f"fsync per 2 GiB file): {med['raw']:.1f} s, {written / 1e6 / med['raw']:,.0f} MB/s; "
-            f"import tool time / raw write time = {med['raw'] / med['import_tool']:.2f}"
+            f"O_DIRECT, fsync per 2 GiB file): {med['raw']:.1f} s, {written / 1e6 / med['raw']:,.0f} MB/s; "
+            f"raw write time / import tool time = {med['raw'] / med['import_tool']:.2f} "
+            f"(rounds: {rounds('import_tool', 'raw')})"
         )
         print(
             f"peak RSS of the import process: {peak / 2**20:,.0f} MiB; largest tensor "

@@ -34,9 +34,9 @@ import yaml
 import zenlm
 from zenlm.checkpoint.compat import check_compatible, expected_shapes
 from zenlm.checkpoint.hf_config import hf_config_from_model, model_config_from_hf
+from zenlm.checkpoint.hf_io import SOURCE_DTYPES, aligned_empty, read_span, write_streamed
 from zenlm.checkpoint.hf_tensors import (
     EMBED,
-    SOURCE_DTYPES,
     TIED_HEAD,
     Source,
     plan_import,
@@ -44,7 +44,6 @@ from zenlm.checkpoint.hf_tensors import (
     safetensors_entries,
     split_files,
     to_hf,
-    write_streamed,
 )
 from zenlm.checkpoint.io import (
     CheckpointError,
@@ -87,41 +86,38 @@ def tqdm_progress(total: int, desc: str) -> Any:
 
 
 class ReadAhead:
-    """Tensors in write order, converted to `dtype`: tensor k+1 is read on a second thread
-    while tensor k is converted and written (readinto, copy_ and write all release the GIL).
+    """Tensors in write order, read one ahead: tensor k+1 is read on a second thread while
+    write_streamed converts tensor k into its staging buffer (reads, copy_ and writes all
+    release the GIL).
 
-    Two read buffers alternate and one write buffer takes the converted copy, all reused for
-    every tensor (a large allocation freed and made again touches fresh pages, which on a VM
-    costs more than the conversion): memory is 2 x the largest tensor read + the largest
-    written. write_streamed has finished with tensor k before it asks for k + 1, so a buffer is
-    never refilled while it is being written."""
+    Two read buffers alternate, allocated once for the largest tensor and reused (a large
+    allocation freed and made again touches fresh pages, which on a VM costs more than the
+    conversion): memory is 2 x the largest tensor read, + write_streamed's two 64 MiB staging
+    buffers. write_streamed has copied tensor k out before it asks for k + 1, so a buffer is
+    never refilled while it is still needed."""
 
     def __init__(
         self,
         order: list[str],
         read: Callable[[str, torch.Tensor | None], torch.Tensor],
         nbytes: Callable[[str], int],
-        dtype: torch.dtype,
         buffered: bool = True,
     ) -> None:
-        self.order, self.read, self.nbytes, self.dtype = order, read, nbytes, dtype
+        self.order, self.read, self.nbytes = order, read, nbytes
         self.pos = {n: i for i, n in enumerate(order)}
         self.buffered = buffered
-        self.bufs: dict[str, torch.Tensor] = {}
+        self.bufs: dict[int, torch.Tensor] = {}
         self.pool = ThreadPoolExecutor(1)
         self.ahead: dict[str, Any] = {}
 
-    def _buf(self, kind: str, n: int) -> torch.Tensor:
-        buf = self.bufs.get(kind)
-        if buf is None or buf.numel() < n:
-            self.bufs.pop(kind, None)
-            buf = self.bufs[kind] = torch.empty(n, dtype=torch.uint8)
-        return buf[:n]
-
     def _submit(self, i: int) -> Any:
-        name = self.order[i]
-        buf = self._buf(f"read{i % 2}", self.nbytes(name)) if self.buffered else None
-        return self.pool.submit(self.read, name, buf)
+        buf = None
+        if self.buffered:
+            buf = self.bufs.get(i % 2)
+            if buf is None:  # aligned, with room for the aligned range around any tensor
+                most = max(map(self.nbytes, self.order))
+                buf = self.bufs[i % 2] = aligned_empty(read_span(most))
+        return self.pool.submit(self.read, self.order[i], buf)
 
     def get(self, name: str) -> torch.Tensor:
         i = self.pos[name]
@@ -129,12 +125,7 @@ class ReadAhead:
         t = fut.result()
         if i + 1 < len(self.order) and self.order[i + 1] not in self.ahead:
             self.ahead[self.order[i + 1]] = self._submit(i + 1)
-        if t.dtype == self.dtype:
-            return t
-        n = t.numel() * torch.empty((), dtype=self.dtype).element_size()
-        out = self._buf("write", n).view(self.dtype).view(t.shape)
-        out.copy_(t)
-        return out
+        return t
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -240,7 +231,6 @@ def import_hf(
         [n for g in groups for n in sorted(g)],  # write_streamed's order
         lambda zname, buf: source.read(plan.tensors[zname].name, buf),
         lambda zname: plan.tensors[zname].nbytes,
-        torch.float32,
         buffered=not source.pickle,
     )
 
@@ -422,7 +412,6 @@ def export_hf(
         [n for g in groups for n in sorted(g)],  # write_streamed's order
         lambda hf_name, buf: read_into(stored[hf_name], buf),
         lambda hf_name: stored[hf_name].nbytes,
-        torch_dtype,
     )
 
     def produce(hf_name: str) -> torch.Tensor:

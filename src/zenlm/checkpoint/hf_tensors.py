@@ -1,5 +1,5 @@
-"""Tensors between a Hugging Face checkpoint and zenlm: the name table, the source readers, the
-plan that checks every name and shape before anything is written, and a streamed writer.
+"""Tensors between a Hugging Face checkpoint and zenlm: the name table, the source readers, and
+the plan that checks every name and shape before anything is written (hf_io.py writes).
 
 TENSOR_MAP is the whole correspondence, one (HF name, zenlm canonical name) row per kind of
 tensor, `{i}` standing for the layer index; it is read in both directions. transformers keeps
@@ -7,27 +7,24 @@ q/k in the rotate-half layout zenlm uses, so every tensor is copied as it is (no
 DROPPED lists source tensors skipped on purpose. Anything else is an error, and `plan_import`
 reports every offender at once (unknown, unexpected, missing, wrong shape, unsupported dtype).
 
-Memory: a tensor is read (readinto at the offset its file's header gives, no mmap, into a
-buffer reused across tensors) only when it is written, so peak memory is about the largest
-source tensor plus its fp32 copy, whatever the size of the model.
+Memory: a tensor is read (at the offset its file's header gives, no mmap, into a buffer reused
+across tensors) only when it is written, so peak memory is a few of the largest tensors,
+whatever the size of the model.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 import struct
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from zenlm.checkpoint.io import CheckpointError, Crc32, FileRecord, safe_torch_load
+from zenlm.checkpoint.hf_io import SOURCE_DTYPES, ST_DTYPE_NAMES, read_range
+from zenlm.checkpoint.io import CheckpointError, safe_torch_load
 
 TENSOR_MAP: tuple[tuple[str, str], ...] = (
     ("model.embed_tokens.weight", "embed.embedding.weight"),
@@ -59,9 +56,6 @@ skipped only when it equals the embedding)."""
 
 TIED_HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
-SOURCE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-ST_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_CHUNK = 64 << 20
 
 
 def _compile(template: str) -> re.Pattern[str]:
@@ -151,22 +145,17 @@ def safetensors_entries(path: Path) -> dict[str, SourceTensor]:
 
 
 def read_into(src: SourceTensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensor's bytes read with readinto (no mmap), into `out` (a uint8 buffer of at least
-    src.nbytes, reused across tensors so no fresh pages are touched) or a new buffer."""
-    buf = torch.empty(src.nbytes, dtype=torch.uint8) if out is None else out[: src.nbytes]
-    view = memoryview(buf.numpy())
+    """The tensor, read at its header's offset (no mmap; O_DIRECT where possible, see hf_io),
+    into `out` (an aligned buffer of hf_io.read_span(src.nbytes) bytes reused across tensors,
+    so no fresh pages are touched) or a new buffer; a view into that buffer."""
     try:
-        with open(src.file, "rb", buffering=0) as f:
-            f.seek(src.start)
-            done = 0
-            while done < src.nbytes:  # one read(2) returns at most ~2 GiB
-                got = f.readinto(view[done : done + _CHUNK * 4])
-                if not got:
-                    raise OSError(f"file ends {src.nbytes - done} bytes early")
-                done += got
+        data = read_range(src.file, src.start, src.nbytes, out)
     except OSError as e:
         raise CheckpointError(f"{src.file}: cannot read tensor {src.name}: {e}") from e
-    return buf.view(SOURCE_DTYPES.get(src.dtype, torch.uint8)).view(src.shape)
+    dtype = SOURCE_DTYPES.get(src.dtype, torch.uint8)
+    if data.storage_offset() % torch.empty((), dtype=dtype).element_size():
+        data = data.clone()  # a tensor at an odd offset (after an odd-length bf16 one)
+    return data.view(dtype).view(src.shape)
 
 
 class Source:
@@ -351,70 +340,3 @@ def split_files(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
         groups[-1].append(name)
         total += n
     return [g for g in groups if g]
-
-
-# -- the writer ----------------------------------------------------------------------------
-
-
-def write_streamed(
-    path: Path,
-    specs: dict[str, tuple[torch.dtype, list[int]]],
-    produce: Callable[[str], torch.Tensor],
-    metadata: dict[str, str] | None = None,
-) -> FileRecord:
-    """A safetensors file byte-identical to zenlm.checkpoint.io.write_tensors of the same
-    tensors (sorted names, same header), but each tensor is produced only when it is written
-    and dropped before the next: memory is one tensor, not the file. fsync; CRC-32 on a second
-    thread; a full disk is a CheckpointError and the partial file is removed."""
-    names = sorted(specs)
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name in names:
-        dtype, shape = specs[name]
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {
-            "dtype": ST_DTYPE_NAMES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + n],
-        }
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    crc = Crc32()
-    size = 0
-    try:
-        with open(path, "wb") as f, ThreadPoolExecutor(1) as hasher:
-            first = struct.pack("<Q", len(head)) + head
-            crc.update(first)
-            f.write(first)
-            size += len(first)
-            for name in names:
-                t = produce(name)
-                dtype, shape = specs[name]
-                if t.dtype != dtype or list(t.shape) != list(shape):
-                    raise CheckpointError(
-                        f"{name}: produced {t.dtype} {list(t.shape)}, planned {dtype} {shape}"
-                    )
-                data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-                piece = pending = None
-                for start in range(0, len(data), _CHUNK):
-                    piece = data[start : start + _CHUNK]
-                    if pending is not None:
-                        pending.result()
-                    pending = hasher.submit(crc.update, piece)
-                    f.write(piece)
-                    size += len(piece)
-                if pending is not None:
-                    pending.result()
-                del t, data, piece, pending  # before the next tensor is produced
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        path.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CheckpointError(f"disk full while writing {path}: {e.strerror}") from e
-        raise CheckpointError(f"cannot write {path}: {e}") from e
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return FileRecord(crc.hexdigest(), size)
