@@ -69,6 +69,7 @@ EXPORT_SHARD_BYTES = 5 * 10**9
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja",
                    "tokenizer.model")  # fmt: skip
 """Copied from the source model (or --tokenizer DIR) into the export when present."""
 
