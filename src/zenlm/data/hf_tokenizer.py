@@ -218,16 +218,15 @@ def _special_tokens(
 
 
 def _chat_template(path: Path, settings_template: Any) -> str | list | None:
-    """chat_template from tokenizer_config.json, else chat_template.jinja (newer transformers)."""
-    if settings_template is not None:
-        return settings_template
+    """chat_template.jinja when present, else tokenizer_config.json's chat_template: the order
+    transformers reads them in (its save_pretrained writes the .jinja file)."""
     f = path / CHAT_TEMPLATE_FILE
     if f.is_file():
         try:
             return f.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise _error(f"{f}: cannot read the chat template ({_one_line(e)})") from e
-    return None
+    return settings_template
 
 
 def canonical_tokenizer_json(content: dict[str, Any]) -> dict[str, Any]:

@@ -126,9 +126,10 @@ def load_sft_tokenizer(path: str | os.PathLike) -> tuple[object, ChatTemplate | 
     """(tokenizer, chat template or None): zenlm.data.tokenizer.load_tokenizer's tokenizer (a
     SentencePiece .model file or a Hugging Face tokenizer directory, the fingerprint the trainer
     checks), and for a directory with a tokenizer.json its chat template, read the way
-    transformers reads it (sft_chat.read_tokenizer_config). The template sees the tokenizer's
+    transformers reads it (hf_tokenizer; sft_chat resolves named templates). The template sees the tokenizer's
     own bos/eos/pad tokens (hf_tokenizer merges the config files as transformers does)."""
-    tok, chat = load_tokenizer(path), load_chat_template(path)
+    tok = load_tokenizer(path)
+    chat = load_chat_template(path, getattr(tok, "chat_template", None))
     if chat is not None:
         for name in ("bos_token", "eos_token", "pad_token"):
             value = getattr(tok, name, None)

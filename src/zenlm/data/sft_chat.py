@@ -54,7 +54,6 @@ SPECIAL_TOKEN_NAMES = (
     "mask_token",
 )
 """transformers' SPECIAL_TOKENS_ATTRIBUTES: the names a template sees as variables."""
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class ChatRecordError(ValueError):
@@ -76,8 +75,12 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
-def read_tokenizer_config(tok_dir: Path) -> tuple[str | None, dict[str, str]]:
-    """(chat template or None, named special tokens) of a Hugging Face tokenizer directory."""
+def read_tokenizer_config(tok_dir: Path, template: Any) -> tuple[str | None, dict[str, str]]:
+    """(chat template or None, named special tokens) of a Hugging Face tokenizer directory.
+
+    `template` is the chat template as zenlm.data.hf_tokenizer read it (chat_template.jinja,
+    else tokenizer_config.json's), so both paths see the same one; a list of named templates
+    resolves to "default"."""
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
         path = tok_dir / name
@@ -93,15 +96,9 @@ def read_tokenizer_config(tok_dir: Path) -> tuple[str | None, dict[str, str]]:
         token = _token_content(config.get(name))
         if token is not None:
             special[name] = token
-    template: Any = None
-    file = tok_dir / CHAT_TEMPLATE_FILE
-    if file.is_file():
-        template = file.read_text(encoding="utf-8")
-    else:
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
     if template is not None and not isinstance(template, str):
         raise BadInputError(
             f"{tok_dir}: chat_template in tokenizer_config.json is not a template string"
@@ -290,13 +287,14 @@ def assistant_mask(
     return mask, eos_closes
 
 
-def load_chat_template(path: str | os.PathLike) -> ChatTemplate | None:
-    """The chat template of a Hugging Face tokenizer directory with a tokenizer.json (the mask
-    needs its character offsets), or None (no template, or not such a directory)."""
+def load_chat_template(path: str | os.PathLike, template: Any) -> ChatTemplate | None:
+    """The chat template (`template`: the loaded tokenizer's chat_template) of a Hugging Face
+    tokenizer directory with a tokenizer.json (the mask needs its character offsets), or None
+    (no template, or not such a directory)."""
     d = Path(path)
     if not is_hf_dir(d):
         return None
-    source, special = read_tokenizer_config(d)
+    source, special = read_tokenizer_config(d, template)
     return None if source is None else ChatTemplate(source, special, str(d))
 
 
