@@ -4,6 +4,8 @@
 2. Tokenizes, packs and shards them into a webdataset corpus (train + validation split).
 3. Trains the debug model at TP 2 x DP 2 with ZeRO-1 on 4 CPU processes (torchrun), validating
    every 50 steps; TensorBoard logs and the resolved config land in runs/demo/.
+4. Plots the run's curves (tools/plot_run.py's code) into runs/demo/curves.png, exports the
+   model with tools/convert.py and generates from it with transformers.
 Steps 1-2 are skipped when their outputs exist (the corpus rerun skips complete shards); step 3
 starts a fresh run in runs/demo/ every time.
 """
@@ -34,14 +36,18 @@ MAX_INPUT_BYTES = 24 << 20  # enough text for a few hundred steps, quick to toke
 
 
 def stdlib_sources() -> list[Path]:
-    """Python files of the standard library, sorted, up to MAX_INPUT_BYTES (tests excluded)."""
+    """Python files of the standard library, sorted, up to MAX_INPUT_BYTES (tests excluded, and
+    empty files, e.g. email/mime/__init__.py, which the tokenizer trainer refuses as inputs)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files, total = [], 0
     for path in sorted(stdlib.rglob("*.py")):
         if any(part in ("test", "tests", "site-packages", "idlelib") for part in path.parts):
             continue
+        size = path.stat().st_size
+        if size == 0:
+            continue
         files.append(path)
-        total += path.stat().st_size
+        total += size
         if total >= MAX_INPUT_BYTES:
             break
     return files
@@ -126,15 +132,27 @@ def export_and_generate() -> None:
     print(f"[demo] transformers, from the exported {out}: {PROMPT + text!r}")
 
 
+def plot() -> None:
+    """runs/demo/curves.png from the run's TensorBoard events (zenlm.metrics.curves)."""
+    from zenlm.metrics.curves import plot_curves, read_curves
+
+    run = ROOT / "runs" / "demo"
+    out = plot_curves([read_curves(run)], run / "curves.png")
+    print(f"[demo] training curves: {out}")
+
+
 def main() -> int:
     start = time.perf_counter()
     build_data()
     rc = train()
     if rc == 0:
+        plot()
         export_and_generate()
+    curves = ROOT / "runs" / "demo" / "curves.png"
     print(
         f"[demo] finished in {time.perf_counter() - start:.0f} s (exit {rc}); "
         f"TensorBoard: tensorboard --logdir {ROOT / 'runs' / 'demo' / 'tb'}"
+        + (f"; curves: {curves}" if curves.is_file() else "")
     )
     return rc
 

@@ -25,6 +25,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace) -> int:
+    # Known-harmless third-party warnings: once on rank 0, before the megatron and DeepSpeed
+    # imports below emit them (zenlm.runtime.warnings has the list).
+    from zenlm.runtime.warnings import install_known_warnings
+
+    install_known_warnings()
     cfg = load_config(args.config, args.overrides)
     # Every check that needs no DeepSpeed (config, corpora, tokenizer, output dirs, the
     # checkpoint to resume) runs before the framework imports, which take seconds.

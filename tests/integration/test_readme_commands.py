@@ -258,6 +258,9 @@ def test_make_demo(workdir, monkeypatch, capfd):
     assert demo.main() == 0
     out = capfd.readouterr().out
     assert "[demo] manifest" in out
+    # It plots the run's curves (zenlm.metrics.curves) and says where.
+    assert f"[demo] training curves: {workdir / 'runs' / 'demo' / 'curves.png'}" in out
+    assert (workdir / "runs" / "demo" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # It ends by exporting the model and generating with transformers from the export.
     assert "[demo] transformers, from the exported" in out, out[-3000:]
     assert (workdir / "runs" / "demo" / "hf" / "config.json").is_file()

@@ -141,7 +141,18 @@ class LoggingConfig:
     natural order, split across data-parallel ranks. The same set at every layout, so the same
     weights give the same val/loss at any TP x PP x DP (sums are reduced, not means)."""
     peak_tflops_per_device: float = 0.0
-    """Dense peak of one accelerator for MFU (e.g. 989 for H100/H200 bf16); 0 = detect on CUDA."""
+    """Dense peak TFLOP/s of one accelerator for MFU; 0 = look the CUDA device up by name and
+    precision (zenlm.metrics.throughput: H100/H200 SXM, PCIe and NVL, A100, L40S, ...). A device
+    not in the table reports achieved TFLOP/s only, and says so once at start."""
+    wandb_enabled: bool = False
+    """Also send rank 0's scalars to Weights & Biases (needs the wandb package)."""
+    wandb_project: str = "zenlm"
+    """W&B project."""
+    wandb_run_name: str = ""
+    """W&B run name; '' = logging.run_name."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """'online' streams to W&B (needs `wandb login` or WANDB_API_KEY); 'offline' only writes
+    <run>/wandb/offline-run-*/, which `wandb sync` uploads later."""
 
 
 @dataclass

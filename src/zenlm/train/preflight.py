@@ -7,7 +7,8 @@ device's precision support, which needs DeepSpeed), the places the run writes (r
 TensorBoard, checkpoints: each must be a directory this process can create files in), the
 tokenizer, the corpora (manifests, shards on disk, seq_len, tokenizer fingerprint, vocabulary
 against model.vocab_size, a valid split when validation is on) and `checkpoint.resume` (the
-value, and whether the newest readable checkpoint fits this model and tokenizer).
+value, and whether the newest readable checkpoint fits this model and tokenizer). With
+`logging.wandb_enabled`, the wandb package must be installed.
 
 launch/train.py calls it before importing the Trainer, so a bad input costs about a second (the
 torch import), not the 5-50 s of the framework imports; the Trainer calls it again (cheap) so
@@ -17,6 +18,7 @@ prints it once (rank 0).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -215,6 +217,25 @@ def check_init_from(cfg: RunConfig, fingerprint: str | None) -> None:
     check_compatible(path, read_meta(path), cfg.model, fingerprint)
 
 
+def check_wandb(cfg: RunConfig) -> None:
+    """logging.wandb_enabled needs the wandb package (looked up, not imported: importing it
+    takes about a second)."""
+    lg = cfg.logging
+    if not lg.wandb_enabled:
+        return
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except ValueError:  # a broken half-imported module
+        found = False
+    if not found:
+        raise ConfigError(
+            "logging.wandb_enabled=true but the wandb package is not installed: "
+            "pip install wandb (zenlm's dev extras include it), or set logging.wandb_enabled=false"
+        )
+    if not lg.wandb_project.strip():
+        raise ConfigError("logging.wandb_project is empty: give the W&B project name")
+
+
 def preflight(cfg: RunConfig, world_size: int, corpora: bool = True) -> Layout:
     """Run every check that needs no DeepSpeed; return the derived Layout.
 
@@ -226,6 +247,7 @@ def preflight(cfg: RunConfig, world_size: int, corpora: bool = True) -> Layout:
             check_corpora(cfg, fingerprint, vocab)
         check_resume(cfg, fingerprint)
         check_init_from(cfg, fingerprint)
+        check_wandb(cfg)
         check_output_dirs(cfg)  # last: the only check that creates anything (empty dirs)
     except ZenlmError as e:
         e.same_on_all_ranks = True  # the same config and files on every rank: print once

@@ -21,11 +21,14 @@ from zenlm.checkpoint.session import CheckpointSession
 from zenlm.config.load import dump_config
 from zenlm.config.schema import RunConfig
 from zenlm.config.validate import check_precision_supported, run_dir
-from zenlm.metrics.tensorboard import TensorBoardWriter
-from zenlm.metrics.throughput import detect_peak_tflops, flops_per_token, mfu
+from zenlm.metrics.memory import GIB, gather_per_rank, peak_memory_bytes
+from zenlm.metrics.sinks import build_sinks
+from zenlm.metrics.step_clock import StepClock
+from zenlm.metrics.throughput import achieved_tflops, detect_peak_tflops, flops_per_token, mfu
 from zenlm.model.factory import IGNORE_INDEX
 from zenlm.runtime.env import init_distributed, set_seeds, set_threads
 from zenlm.runtime.log import get_logger
+from zenlm.runtime.warnings import install_known_warnings
 from zenlm.train.build import (
     build_parallel,
     build_training_engine,
@@ -59,6 +62,7 @@ class Trainer:
         train_data: DataFactory | None = None,
         valid_data: DataFactory | None = None,
     ) -> None:
+        install_known_warnings()  # before DeepSpeed's first log lines (zenlm.runtime.warnings)
         set_threads(cfg.runtime.torch_threads)
         self.rank, world_size = init_distributed(cfg.runtime.dist_timeout_s)
         self.cfg = cfg
@@ -74,6 +78,10 @@ class Trainer:
             cfg, self.layout, self.dims, init=not loads
         )
         self.pipelined = self.layout.pipeline_parallel_degree > 1
+        # Step-time split (zenlm.metrics.step_clock): data wait, optimizer step, DP gradient
+        # reduction; read at log steps.
+        self.clock = StepClock(cuda=torch.cuda.is_available())
+        self.measured_phases = self.clock.instrument(self.engine)
         self.run_dir = run_dir(cfg)
         dp_rank = self.dims.coords(self.rank)[1]
         if train_data is None:
@@ -87,7 +95,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.flops_per_token = flops_per_token(cfg.model, self.layout.seq_len_tokens)
-        self.peak_tflops = cfg.logging.peak_tflops_per_device or detect_peak_tflops()
+        self.peak_tflops = self._peak_tflops()
         # Checkpoints (zenlm.checkpoint.session): resume now, so step/data/optimizer continue.
         self.checkpoints = CheckpointSession(self)
         self.checkpoints.resume()
@@ -95,9 +103,7 @@ class Trainer:
         # the run directory (config.yaml, TensorBoard events) as it found it.
         if self.rank == 0:
             dump_config(cfg, self.run_dir / "config.yaml")
-        self.tb = TensorBoardWriter(
-            self.run_dir / "tb", enabled=cfg.logging.tensorboard_enabled and self.rank == 0
-        )
+        self.metrics = build_sinks(cfg, self.run_dir, self.rank)  # TensorBoard, W&B: rank 0
 
     def _build_corpus_loaders(self, dp_rank: int) -> tuple[Any, Any]:
         from zenlm.data import build_train_loader, build_valid_loader
@@ -135,10 +141,12 @@ class Trainer:
         denominator: the step's counted tokens over all micro batches and DP ranks, divided by
         (micro batches x DP) (see zenlm.model.loss.mean_loss). One scalar all-reduce per step."""
         lay = self.layout
-        batches = [next(self.train_iter) for _ in range(lay.grad_accum_steps)]
+        with self.clock.phase("data"):
+            batches = [next(self.train_iter) for _ in range(lay.grad_accum_steps)]
         counted = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         total = torch.tensor([float(counted)], dtype=torch.float64)
-        dist.all_reduce(total, group=_dp_group())
+        with self.clock.phase("comm"):
+            dist.all_reduce(total, group=_dp_group())
         per_micro = total.clamp(min=1.0) / (lay.grad_accum_steps * self.dims.dp)
         return batches, per_micro.float().reshape(())
 
@@ -171,7 +179,8 @@ class Trainer:
             self.engine.step()  # a no-op except at the accumulation boundary
             losses.append(loss.detach().float())
         mean = torch.stack(losses).mean()
-        dist.all_reduce(mean, group=_dp_group())
+        with self.clock.phase("comm", device=True):
+            dist.all_reduce(mean, group=_dp_group())
         return mean.item() / self.dims.dp
 
     # -- validation --------------------------------------------------------------------------
@@ -244,11 +253,51 @@ class Trainer:
         scale = getattr(self.engine.optimizer, "cur_scale", None)
         if self.cfg.runtime.precision == "fp16" and scale is not None:
             out["train/loss_scale"] = float(scale)
-        if self.peak_tflops:
-            out["train/mfu"] = mfu(
-                tokens_per_s, self.flops_per_token, self.layout.world_size, self.peak_tflops
-            )
         return out
+
+    def _interval_scalars(self) -> dict[str, float]:
+        """What a log step adds, over the steps since the last one: tokens/s and step time
+        (interval means, replacing the step's own), the step-time split, peak memory (max over
+        ranks, and per rank), skipped steps, TFLOP/s per device and MFU. Gathers over all
+        ranks: every rank calls it at the same steps (docs/training.md, Metrics)."""
+        t = self.clock.drain()
+        rows = gather_per_rank([*peak_memory_bytes(), t["data"]])  # (world, 3)
+        world = self.layout.world_size
+        tokens_per_s = self.layout.tokens_per_step / max(t["step"], 1e-9)
+        out = {
+            "train/tokens_per_s": tokens_per_s,
+            "train/step_time_s": t["step"],
+            "train/tflops_per_device": achieved_tflops(tokens_per_s, self.flops_per_token, world),
+            "train/skipped_steps": float(self.engine.skipped_steps),
+            "time/data_wait_s": t["data"],
+            "time/data_wait_s_max": float(rows[:, 2].max()),
+            "time/fwd_bwd_s": t["fwd_bwd"],
+            "time/comm_s": t["comm"],
+            "mem/peak_gib": float(rows[:, 0].max()) / GIB,
+        }
+        if "optimizer" in self.measured_phases:
+            out["time/optimizer_s"] = t["optimizer"]
+        if torch.cuda.is_available():
+            out["mem/peak_reserved_gib"] = float(rows[:, 1].max()) / GIB
+        if world > 1:
+            out.update({f"mem/peak_gib_rank{r}": float(v) / GIB for r, v in enumerate(rows[:, 0])})
+        if self.peak_tflops:
+            out["train/mfu"] = mfu(tokens_per_s, self.flops_per_token, world, self.peak_tflops)
+        return out
+
+    def _peak_tflops(self) -> float:
+        """logging.peak_tflops_per_device, else the device table by name and precision; 0 when
+        unknown (then TFLOP/s is logged without MFU, and one line says so)."""
+        if self.cfg.logging.peak_tflops_per_device:
+            return self.cfg.logging.peak_tflops_per_device
+        peak, device = detect_peak_tflops(self.cfg.runtime.precision)
+        if not peak:
+            log.info(
+                f"MFU not reported: no peak FLOP/s known for {device} at runtime.precision="
+                f"{self.cfg.runtime.precision}; TFLOP/s per device is. Set "
+                "logging.peak_tflops_per_device (dense TFLOP/s of one device) for MFU"
+            )
+        return peak
 
     def fit(self) -> list[dict[str, float]]:
         history: list[dict[str, float]] = []
@@ -258,17 +307,20 @@ class Trainer:
             self._loop(history, start)
         finally:
             self.checkpoints.requests.uninstall()
-            self.tb.close()
+            self.metrics.close()
         return history
 
     def _loop(self, history: list[dict[str, float]], start: float) -> None:
         lg, total = self.cfg.logging, self.cfg.optim.train_steps
+        self._first_step = self.step  # for the ETA: steps before a resume took no time here
         while self.step < total:
             lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler steps inside)
             t0 = time.perf_counter()
             skipped_before = self.engine.skipped_steps
             loss = self.train_step()
-            scalars = self._scalars(loss, lr, time.perf_counter() - t0)
+            step_s = time.perf_counter() - t0
+            self.clock.step_done(step_s)
+            scalars = self._scalars(loss, lr, step_s)
             # Non-finite steps were skipped by the engine; count them, stop after too many.
             stop = self.checkpoints.after_step(loss, self.engine.skipped_steps > skipped_before)
             scalars.update(self.checkpoints.scalars())
@@ -276,13 +328,16 @@ class Trainer:
                 self.step % lg.eval_interval_steps == 0 or self.step == total
             ):
                 scalars.update(self.evaluate())
-            history.append({"step": self.step, **scalars})
-            if (
+            log_now = (
                 self.step % lg.log_interval_steps == 0
                 or self.step == total
                 or "val/loss" in scalars
-            ):
-                self.tb.scalars(scalars, self.step)
+            )
+            if log_now:  # the same steps on every rank: _interval_scalars gathers
+                scalars.update(self._interval_scalars())
+            history.append({"step": self.step, **scalars})
+            if log_now:
+                self.metrics.scalars(scalars, self.step)
                 self._console(scalars, start)
             if stop:
                 return  # saved already (the stop request implies a save)
@@ -293,20 +348,31 @@ class Trainer:
         same processes can build another run at another layout."""
         from zenlm.parallel.dims import release_process_groups
 
-        self.tb.close()
+        self.metrics.close()
         self.engine = None
         release_process_groups()
 
     def _console(self, s: dict[str, float], start: float) -> None:
         elapsed = time.perf_counter() - start
-        eta_s = elapsed / self.step * (self.cfg.optim.train_steps - self.step)
+        done = max(self.step - getattr(self, "_first_step", 0), 1)
+        eta_s = elapsed / done * (self.cfg.optim.train_steps - self.step)
         line = (
             f"step {self.step}/{self.cfg.optim.train_steps} | loss {s['train/loss']:.4f} | "
             f"lr {s['train/lr']:.2e} | grad_norm {s['train/grad_norm']:.3f} | "
-            f"tokens/s {s['train/tokens_per_s']:,.0f} | ETA {eta_s / 60:.1f} min"
+            f"tokens/s {s['train/tokens_per_s']:,.0f} | "
+            f"{s['train/tflops_per_device']:.3g} TFLOP/s/device"
         )
         if "train/mfu" in s:
-            line += f" | MFU {100 * s['train/mfu']:.1f}%"
+            line += f" (MFU {100 * s['train/mfu']:.1f}%)"
+        ms = {k: 1e3 * s.get(f"time/{k}_s", 0.0) for k in ("data_wait", "fwd_bwd", "optimizer")}
+        line += (
+            f" | step {1e3 * s['train/step_time_s']:.0f} ms = data {ms['data_wait']:.0f} + "
+            f"fwd/bwd {ms['fwd_bwd']:.0f} + opt {ms['optimizer']:.0f} + "
+            f"comm {1e3 * s['time/comm_s']:.0f} | peak mem {s['mem/peak_gib']:.2f} GiB"
+        )
+        if s["train/skipped_steps"]:
+            line += f" | skipped {s['train/skipped_steps']:.0f} steps"
+        line += f" | ETA {eta_s / 60:.1f} min"
         if "val/loss" in s:
             line += f" | val_loss {s['val/loss']:.4f} ppl {s['val/perplexity']:.2f} acc {s['val/accuracy']:.3f}"
         log.info(line)
