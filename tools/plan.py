@@ -1,7 +1,8 @@
 """Plan a run: which TP x PP x DP x ZeRO x micro batch x checkpointing layouts fit, and how fast.
 
-    python tools/plan.py --model 7b --gpus 64 --gpu h100-sxm --gpus-per-node 8 \
-        --global-batch 1024 --seq-len 4096 [--top 10] [--json]
+    python tools/plan.py --model 7b --gpus 64 --global-batch 1024 --seq-len 4096
+    python tools/plan.py --model 70b --gpus 512 --gpu h200 --gpus-per-node 8 \\
+        --global-batch 1024 --seq-len 4096 --top 5 --json
 
 --model is a named size (configs/models/<name>.yaml) or any config YAML (a run config's
 precision, document masking and pipeline split are used; its parallel layout is replaced).

@@ -127,14 +127,17 @@ def _candidate_config(base: RunConfig, **v: Any) -> RunConfig:
     )
 
 
-def _overrides(plan_values: dict[str, Any]) -> list[str]:
-    v = plan_values
+def _overrides(cfg: RunConfig, v: dict[str, Any]) -> list[str]:
+    """The overrides that turn the planned config into this layout (launch/train.py form)."""
     return [
         f"parallel.tensor_parallel_degree={v['tp']}",
         f"parallel.pipeline_parallel_degree={v['pp']}",
         f"parallel.zero_stage={v['zero']}",
         f"parallel.sequence_parallel_enabled={str(v['sp']).lower()}",
+        f"data.global_batch_size_seqs={cfg.data.global_batch_size_seqs}",
         f"data.micro_batch_size_seqs={v['mbs']}",
+        f"data.seq_len_tokens={cfg.data.seq_len_tokens}",
+        f"runtime.precision={cfg.runtime.precision}",
         f"runtime.activation_checkpointing={v['ac']}",
     ]
 
@@ -268,5 +271,5 @@ def _plan(
         bubble=(p - 1) / (mb + p - 1),
         step=step,
         fits=mem.total <= cluster.usable_bytes,
-        overrides=_overrides(v),
+        overrides=_overrides(cfg, v),
     )
