@@ -163,6 +163,10 @@ class RuntimeConfig:
     """bf16 and fp16 keep fp32 master weights; fp16 uses dynamic loss scaling."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Recompute every block ('full') or only the attention core ('selective') in backward."""
+    compile_enabled: bool = False
+    """torch.compile (inductor) each transformer block: fused kernels, same losses up to float
+    rounding (docs/gpu.md). Compiles on the first step (tens of seconds); needs a C++
+    compiler on CPU, Triton on CUDA (checked before the model is built)."""
     seed: int = 1234
     """Seed of parameter init and dropout."""
     torch_threads: int = 0

@@ -5,6 +5,7 @@ Returns the derived layout (degrees and batch shape) so the rest of the code nev
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,11 +217,80 @@ def check_precision_supported(precision: str) -> None:
     )
 
 
+@functools.cache
+def _compile_failure(device_type: str) -> str | None:
+    """Why torch.compile (inductor) cannot build kernels for `device_type`, or None when it can.
+
+    The cheap checks first (dynamo on this Python; a C++ compiler for CPU kernels, Triton for
+    CUDA ones), then the real thing: one tiny pointwise function compiled and run on the device,
+    which also catches a compiler without the headers inductor needs. Cached per process: a few
+    seconds the first time (inductor's cache makes later processes faster)."""
+    import torch
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile (dynamo) does not support this Python version"
+    if device_type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception:
+            return (
+                "no C++ compiler found: inductor builds CPU kernels with one (install g++, or "
+                "point the CXX environment variable at a compiler)"
+            )
+    else:
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return f"Triton is not installed or does not support this {device_type} device"
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x) * 2 + 1
+
+    try:
+        x = torch.linspace(-1, 1, 16, device=device_type)
+        got = torch.compile(probe, dynamic=False)(x)
+        torch.testing.assert_close(got, probe(x))
+    except Exception as e:
+        # dynamo wraps the backend's error (BackendCompilerFailed: "backend='inductor'
+        # raised:"); name the inner one, e.g. CppCompileError and the compiler's first line.
+        inner = getattr(e, "inner_exception", None) or e
+        # A CppCompileError carries the compiler's own output: its first error line says why.
+        text = str(getattr(inner, "output", "") or inner)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()]
+        lines = errors or lines
+        return (
+            f"a test kernel failed to build ({type(inner).__name__}: "
+            f"{lines[0][:200] if lines else 'no message'})"
+        )
+    return None
+
+
+def check_compile_supported(device_type: str | None = None) -> None:
+    """Refuse runtime.compile_enabled when torch.compile cannot build kernels on this device.
+
+    device_type defaults to the one a run trains on: 'cuda' when CUDA is present, else 'cpu'
+    (as zenlm.runtime.env picks nccl or gloo)."""
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = _compile_failure(device_type)
+    if reason is not None:
+        raise ConfigError(
+            f"runtime.compile_enabled=true cannot work on this {device_type} host: {reason}; "
+            "fix that or set runtime.compile_enabled=false"
+        )
+
+
 def validate(cfg: RunConfig, world_size: int, check_device: bool = True) -> Layout:
     """Check every field and cross-section constraint; return the derived Layout.
 
-    check_device=False skips the one check that asks DeepSpeed about this device (precision),
-    so a launcher can run everything else before importing DeepSpeed."""
+    check_device=False skips the checks that ask this device (precision support via DeepSpeed;
+    the torch.compile probe when runtime.compile_enabled), so a launcher can run everything else
+    before importing DeepSpeed; zenlm.train.build runs the compile probe before compiling."""
     check_values(cfg)
     p = cfg.parallel
     tp, pp = p.tensor_parallel_degree, p.pipeline_parallel_degree
@@ -243,6 +313,17 @@ def validate(cfg: RunConfig, world_size: int, check_device: bool = True) -> Layo
             f"parallel.zero_stage={p.zero_stage} with pipeline_parallel_degree={pp}: DeepSpeed's "
             "pipeline engine supports ZeRO stage 0 or 1 only (stages 2/3 partition gradients or "
             "parameters, which its 1F1B schedule does not handle); use zero_stage=1"
+        )
+    if cfg.runtime.compile_enabled and p.zero_stage == 3:
+        # Measured (torch 2.13, DeepSpeed 0.19): ZeRO-3 gathers each layer's weights in forward
+        # hooks that DeepSpeed marks torch.compiler.disable, so dynamo breaks the graph at every
+        # linear and norm (17 graphs for 2 blocks): the losses stay right, but the fusions that
+        # compile exists for are gone and each fragment still costs compile time.
+        raise ConfigError(
+            "runtime.compile_enabled=true with parallel.zero_stage=3: ZeRO-3's per-layer "
+            "parameter gathering (forward hooks torch.compile must skip) splits every block "
+            "into one graph per layer; use zero_stage 1 or 2 (tensor/pipeline parallelism for "
+            "memory), or runtime.compile_enabled=false"
         )
     if cfg.runtime.precision == "bf16" and p.zero_stage == 0:
         # DeepSpeed keeps fp32 master weights and fp32 gradient accumulation for bf16 only in
@@ -292,6 +373,8 @@ def validate(cfg: RunConfig, world_size: int, check_device: bool = True) -> Layo
         )
     if check_device:
         check_precision_supported(cfg.runtime.precision)
+        if cfg.runtime.compile_enabled:
+            check_compile_supported()
     return Layout(
         world_size=world_size,
         tensor_parallel_degree=tp,

@@ -5,7 +5,16 @@ The order matters and is fixed here (it was measured, see notes/stack-probe.md):
   2. megatron-core parallel_state groups, rank order asserted (zenlm.parallel.dims)
   3. the model from a layer factory, weights initialised from full tensors (same at any TP)
   4. activation checkpointing (wraps forwards in place; names unchanged)
-  5. DeepSpeed initialize (ZeRO / precision / accumulation / clipping)
+  5. torch.compile of each block (runtime.compile_enabled; in place, names unchanged)
+  6. DeepSpeed initialize (ZeRO / precision / accumulation / clipping)
+
+Steps 3-6 are torchtitan's parallelize order (TP -> activation checkpointing -> compile ->
+data parallel), for the same reasons: the TP layers are what compile traces, their collectives
+included (megatron's autograd functions trace without a graph break); compile after
+checkpointing, so the checkpoint wrappers are traced too and the recompute runs inside the
+compiled backward (zenlm.parallel.compile); the engine last: ZeRO 1/2 hook gradients and wrap
+the optimizer, outside the compiled graphs. (ZeRO-3's forward hooks would break every block's
+graph: config validation refuses compile with it.)
 """
 
 from __future__ import annotations
@@ -16,11 +25,12 @@ import torch
 from torch import nn
 
 from zenlm.config.schema import RunConfig
-from zenlm.config.validate import Layout
+from zenlm.config.validate import Layout, check_compile_supported
 from zenlm.model.factory import LayerFactory
 from zenlm.model.init import init_weights
 from zenlm.model.transformer import Transformer
 from zenlm.parallel.checkpointing import apply_activation_checkpointing
+from zenlm.parallel.compile import apply_compile
 from zenlm.parallel.dims import ParallelDims, initialize
 from zenlm.parallel.engine import build_engine
 from zenlm.parallel.pipeline import build_pipeline_module, check_pipeline_grid, local_blocks
@@ -43,8 +53,20 @@ def build_model(cfg: RunConfig, init: bool = True) -> tuple[nn.Module, LayerFact
     (init=False: left as constructed, for weights that a checkpoint load overwrites)."""
     factory = build_factory(sequence_parallel=cfg.parallel.sequence_parallel_enabled)
     model = Transformer(cfg.model, factory, seed=cfg.runtime.seed if init else None)
-    apply_activation_checkpointing(list(model.layers), cfg.runtime.activation_checkpointing)
+    apply_block_transforms(list(model.layers), cfg)
     return model, factory
+
+
+def apply_block_transforms(blocks: list[nn.Module], cfg: RunConfig) -> None:
+    """Activation checkpointing, then torch.compile, on this rank's blocks (order: see top).
+
+    The compile probe runs first, so a host where inductor cannot build kernels stops here
+    with one ConfigError line, not with an inductor traceback inside the first step."""
+    if cfg.runtime.compile_enabled:
+        check_compile_supported()
+    apply_activation_checkpointing(blocks, cfg.runtime.activation_checkpointing)
+    if cfg.runtime.compile_enabled:
+        apply_compile(blocks)
 
 
 def build_training_engine(
@@ -61,7 +83,9 @@ def build_training_engine(
     module = build_pipeline_module(cfg, layout, factory)
     if init:
         init_weights(module, cfg.model, factory, seed=cfg.runtime.seed)
-    apply_activation_checkpointing(local_blocks(module), cfg.runtime.activation_checkpointing)
+    # PipelineModule calls each built layer as a module (layer(x)), so a block compiled in
+    # place runs compiled inside its stage; the Embedding and OutputHead stages stay eager.
+    apply_block_transforms(local_blocks(module), cfg)
     engine = build_engine(module, cfg, layout)
     check_pipeline_grid(engine.grid, dims)
     return engine, factory
