@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import signal
-import threading
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,15 @@ import torch
 import torch.distributed as dist
 
 from zenlm.errors import ZenlmError
+from zenlm.runtime import signals
+from zenlm.runtime.device import collective_device
 from zenlm.runtime.log import get_logger
 
 log = get_logger()
 
 SAVE_NOW_FILE = "SAVE_NOW"
 """Touch <run_dir>/SAVE_NOW to get a checkpoint at the next step boundary (the file is removed)."""
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = signals.STOP_SIGNALS
 """Preemption (Slurm sends SIGTERM, or SIGUSR1 with --signal): save at the step boundary, stop."""
 
 
@@ -33,31 +33,31 @@ class TrainingDivergedError(ZenlmError, RuntimeError):
 
 
 class StopRequests:
-    """Signal handlers that only set a flag (no I/O in a handler), and the flag file."""
+    """The stop signals (zenlm.runtime.signals: handlers that only record) and the flag file."""
 
     def __init__(self, run_dir: Path) -> None:
         self.flag_file = run_dir / SAVE_NOW_FILE
-        self.signal_received: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._installed_here = False
+
+    @property
+    def signal_received(self) -> int | None:
+        return signals.stop_signal_received()
 
     def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal.signal works only in the main thread; tests may run elsewhere
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        """Install the handlers unless launch/train.py already did (then it owns them: a signal
+        received during set-up stays recorded)."""
+        self._installed_here = signals.install_stop_handlers()
 
     def uninstall(self) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal_received = signum
+        if self._installed_here:
+            signals.uninstall_stop_handlers()
+            self._installed_here = False
 
     def poll(self) -> tuple[bool, bool]:
         """(save now, stop after saving), agreed by all ranks (one tiny all-reduce)."""
         flags = torch.tensor(
-            [float(self.flag_file.exists()), float(self.signal_received is not None)]
+            [float(self.flag_file.exists()), float(self.signal_received is not None)],
+            device=collective_device(),
         )
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -91,7 +91,7 @@ def guard_plain_optimizer(engine: Any) -> None:
             for g in opt.param_groups
             for p in g["params"]
         )
-        flag = torch.tensor([float(bad)])
+        flag = torch.tensor([float(bad)], device=collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         opt.overflow = bool(flag.item())

@@ -113,6 +113,17 @@ class CheckpointSession:
             )
         return stop
 
+    def stop_before_start(self) -> bool:
+        """A stop signal received during set-up or resume (agreed by all ranks): stop before
+        the first step. Nothing is saved: the state is the checkpoint just loaded, or none."""
+        _, stop = self.requests.poll()
+        if stop:
+            log.info(
+                f"stop requested (signal {self.requests.signal_received}) before the first step "
+                f"(at step {self.t.step}): nothing new to save"
+            )
+        return stop
+
     def finish(self) -> None:
         if self.last_saved_step != self.t.step:
             self.save()

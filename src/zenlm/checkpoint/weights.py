@@ -26,6 +26,7 @@ from zenlm.checkpoint.compat import IncompatibleCheckpointError
 from zenlm.checkpoint.io import CheckpointError, FileRecord, write_tensors
 from zenlm.model.init import canonical_named_parameters
 from zenlm.parallel.dims import ParallelDims
+from zenlm.runtime.device import collective_device
 
 
 def _owned_names(names: list[str], dims: ParallelDims) -> set[str]:
@@ -227,6 +228,7 @@ def load_weights(
             if local is None:
                 local = torch.zeros(T.local_shape(p), dtype=torch.float32)
             if len(peers) > 1:
+                local = local.to(collective_device(group))
                 dist.broadcast(local, src=peers[reads[name]], group=group)
             T.set_local(engine, p, key, local)
     if first_error is not None:

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from zenlm.data.sources import SampleSource, open_corpora
+from zenlm.runtime.signals import ignore_in_worker
 
 # Labels equal to this count in no loss or accuracy (torch's cross-entropy default; the same
 # constant as zenlm.model.factory.IGNORE_INDEX, asserted by tests/unit/test_blend.py).
@@ -102,12 +103,15 @@ def _data_loader(stream: IterableDataset, num_workers: int, pin_memory: bool) ->
     # an iterator is created, from the global torch RNG without one; a resumed run creates one
     # iterator more than the uninterrupted run, so the global stream would differ after resume.
     # The streams draw no random numbers, so a fixed private generator changes nothing else.
+    # worker_init_fn: workers ignore SIGTERM/SIGUSR1, which a preemption sends to every process
+    # of the job step; the training process saves and stops them (zenlm.runtime.signals).
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_in_worker if num_workers > 0 else None,
         **extra,
     )
 

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from zenlm.runtime.slurm import adopt_slurm_env
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for single-node rendezvous)."""
@@ -19,10 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_local_gpu(local_rank: int, visible: int) -> None:
-    """One clear line instead of a CUDA error when a node runs more ranks than it has GPUs."""
+def local_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of this rank: LOCAL_RANK among the node's visible GPUs, or device 0 when
+    the launcher bound one GPU to each task (srun --gpus-per-task=1 / --gpu-bind: every task
+    sees exactly one). Anything else is one clear line instead of a CUDA error later."""
     if local_rank < visible:
-        return
+        return local_rank
+    if visible == 1:
+        return 0
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
     shown = "unset" if cvd is None else repr(cvd)
     raise RuntimeError(
@@ -37,12 +43,14 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     """Join (or create) the default process group; return (rank, world_size).
 
     nccl when CUDA is present, gloo otherwise (DeepSpeed picks its CPU accelerator by itself).
-    With CUDA present, a LOCAL_RANK without its own GPU is refused before joining the group.
+    With CUDA present, a LOCAL_RANK without its own GPU is refused before joining the group. A
+    task srun started without torchrun takes its rank from SLURM_* (zenlm.runtime.slurm).
     A single process without torchrun variables still gets a 1-rank group so every code path is
     the same (megatron-core and DeepSpeed both need one).
     """
     import deepspeed
 
+    adopt_slurm_env()  # a bare srun task: RANK/WORLD_SIZE/... from SLURM_* (torchrun's win)
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -51,13 +59,17 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(free_port())
     if torch.cuda.is_available():
-        _check_local_gpu(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+        device = local_device_index(
+            int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        )
+        torch.cuda.set_device(device)
+        # DeepSpeed's engine picks its device from LOCAL_RANK: with one GPU bound per task
+        # that is device 0, whatever the task's index on the node.
+        os.environ["LOCAL_RANK"] = str(device)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(
         dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False
     )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -30,10 +30,13 @@ from zenlm.config.load import ConfigError
 from zenlm.config.schema import RunConfig
 from zenlm.config.validate import Layout, checkpoint_dir, run_dir, validate
 from zenlm.errors import ZenlmError
+from zenlm.runtime.slurm import adopt_slurm_env
 
 
 def world_size_from_env() -> int:
-    """WORLD_SIZE as torchrun / srun set it; 1 for a plain process."""
+    """WORLD_SIZE as torchrun sets it (or SLURM_NTASKS in a bare srun task); 1 for a plain
+    process."""
+    adopt_slurm_env()
     raw = os.environ.get("WORLD_SIZE", "1")
     try:
         return int(raw)

@@ -26,6 +26,7 @@ from zenlm.metrics.sinks import build_sinks
 from zenlm.metrics.step_clock import StepClock
 from zenlm.metrics.throughput import achieved_tflops, detect_peak_tflops, flops_per_token, mfu
 from zenlm.model.factory import IGNORE_INDEX
+from zenlm.runtime.device import collective_device
 from zenlm.runtime.env import init_distributed, set_seeds, set_threads
 from zenlm.runtime.log import get_logger
 from zenlm.runtime.warnings import install_known_warnings
@@ -94,6 +95,7 @@ class Trainer:
         self.pipe_iter = self._pipeline_stream()
         self.step = 0
         self.tokens_seen = 0
+        self.stopped_by_signal: int | None = None  # set by fit() when a stop signal ended it
         self.flops_per_token = flops_per_token(cfg.model, self.layout.seq_len_tokens)
         self.peak_tflops = self._peak_tflops()
         # Checkpoints (zenlm.checkpoint.session): resume now, so step/data/optimizer continue.
@@ -144,7 +146,7 @@ class Trainer:
         with self.clock.phase("data"):
             batches = [next(self.train_iter) for _ in range(lay.grad_accum_steps)]
         counted = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        total = torch.tensor([float(counted)], dtype=torch.float64)
+        total = torch.tensor([float(counted)], dtype=torch.float64, device=collective_device())
         with self.clock.phase("comm"):
             dist.all_reduce(total, group=_dp_group())
         per_micro = total.clamp(min=1.0) / (lay.grad_accum_steps * self.dims.dp)
@@ -191,6 +193,7 @@ class Trainer:
         if self.valid_data is None:
             return {}
         totals = self._pipeline_eval_totals() if self.pipelined else self._eval_totals()
+        totals = totals.to(collective_device())
         dist.all_reduce(totals, group=_dp_group())
         loss = (totals[0] / totals[2].clamp(min=1)).item()
         return {
@@ -230,9 +233,10 @@ class Trainer:
         loss_fn.stats = False
         self.engine.total_loss = None
         self.engine.train()
-        totals = torch.zeros(3, dtype=torch.float64)
+        device = collective_device()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
         if self.engine.is_last_stage():
-            totals = torch.stack(list(outputs)).sum(dim=0).cpu()
+            totals = torch.stack(list(outputs)).sum(dim=0).to(device, torch.float64)
         grid = self.engine.grid
         last = grid.stage_to_global(grid.get_pipe_parallel_world_size() - 1)
         dist.broadcast(totals, src=last, group=grid.get_pipe_parallel_group())
@@ -300,10 +304,19 @@ class Trainer:
         return peak
 
     def fit(self) -> list[dict[str, float]]:
+        """Train to optim.train_steps, or until a stop signal: then `stopped_by_signal` holds its
+        number, the last step is saved (unless the signal came before the first step: the
+        loaded checkpoint, or nothing, is then the state to resume) and launch/train.py exits
+        with zenlm.runtime.signals.PREEMPTED_EXIT_CODE."""
         history: list[dict[str, float]] = []
         start = time.perf_counter()
-        self.checkpoints.requests.install()  # SIGTERM/SIGUSR1: save at the step boundary, stop
+        # SIGTERM/SIGUSR1: save at the step boundary, stop. launch/train.py installed the
+        # handlers before set-up already; a signal received since is acted on before step 1.
+        self.checkpoints.requests.install()
         try:
+            if self.checkpoints.stop_before_start():
+                self.stopped_by_signal = self.checkpoints.requests.signal_received
+                return history
             self._loop(history, start)
         finally:
             self.checkpoints.requests.uninstall()
@@ -340,6 +353,7 @@ class Trainer:
                 self.metrics.scalars(scalars, self.step)
                 self._console(scalars, start)
             if stop:
+                self.stopped_by_signal = self.checkpoints.requests.signal_received
                 return  # saved already (the stop request implies a save)
         self.checkpoints.finish()
 
