@@ -16,21 +16,44 @@ from torch import nn
 
 from zenlm.config.schema import RunConfig
 from zenlm.config.validate import Layout
+from zenlm.runtime.device import collective_device
+from zenlm.runtime.log import get_logger
 from zenlm.train.schedule import build_lr_lambda
+
+log = get_logger()
 
 # DeepSpeed prints a progress line every `steps_per_print` steps; zenlm logs its own.
 _NEVER = 10**9
 
 
+def effective_zero_stage(cfg: RunConfig, layout: Layout) -> int:
+    """The ZeRO stage the engine runs: parallel.zero_stage, except 0 for fp32 at DP 1.
+
+    With one data-parallel rank ZeRO partitions nothing, yet DeepSpeed's ZeRO optimizer still
+    copies every gradient into a flat fp32 partition, and the updated partition back, each step
+    (ZeRO-1 measured 1.09-1.14x a plain PyTorch step at DP 1, ZeRO-0 1.03-1.06x:
+    docs/benchmarks.md). fp32 at DP 1 therefore runs stage 0: same update, same checkpoint
+    (checkpoints hold full, layout-independent fp32 weights and moments, so they resume at any
+    stage and DP size). bf16 keeps its stage: fp32 master weights and fp32 gradient accumulation
+    live only in DeepSpeed's ZeRO/BF16 optimizers. fp16 keeps it too: its stage-0 optimizer
+    (FP16_Optimizer) holds flat fp32 groups that checkpoints cannot address per parameter.
+    """
+    stage = cfg.parallel.zero_stage
+    if stage and layout.data_parallel_degree == 1 and cfg.runtime.precision == "fp32":
+        return 0
+    return stage
+
+
 def build_deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
     """The DeepSpeed JSON config for `cfg` at `layout` (global = micro x accumulation x DP)."""
     precision = cfg.runtime.precision
+    stage = effective_zero_stage(cfg, layout)
     ds: dict[str, Any] = {
         "train_batch_size": layout.global_batch_size_seqs,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size_seqs,
         "gradient_accumulation_steps": layout.grad_accum_steps,
         "gradient_clipping": cfg.optim.grad_clip_norm,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": stage},
         # The client optimizer is torch AdamW: DeepSpeed calls that "untested" with ZeRO.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _NEVER,
@@ -56,7 +79,7 @@ def build_deepspeed_config(cfg: RunConfig, layout: Layout) -> dict[str, Any]:
         # shards: send whole tensors then.
         partitioned = not cfg.parallel.sequence_parallel_enabled
         ds["pipeline"] = {"pipe_partitioned": partitioned, "grad_partitioned": partitioned}
-    if cfg.parallel.zero_stage == 3:
+    if stage == 3:
         # Gather small parameters eagerly; keep the tiny CPU test models fully partitioned anyway.
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
     return ds
@@ -168,6 +191,12 @@ def build_engine(module: nn.Module, cfg: RunConfig, layout: Layout) -> Any:
     """deepspeed.initialize for `module` (a PipelineModule when PP > 1) with the generated config."""
     import deepspeed
 
+    stage = effective_zero_stage(cfg, layout)
+    if stage != cfg.parallel.zero_stage and _is_rank0():
+        log.info(
+            f"parallel.zero_stage={cfg.parallel.zero_stage} runs as ZeRO stage 0: data-parallel "
+            "degree 1 in fp32, where ZeRO partitions nothing and its bookkeeping only costs time"
+        )
     optimizer = build_optimizer(module, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(cfg.optim))
     is_pipeline = layout.pipeline_parallel_degree > 1
@@ -181,6 +210,12 @@ def build_engine(module: nn.Module, cfg: RunConfig, layout: Layout) -> Any:
     )
     _record_fp32_grad_norm(engine)
     return engine
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _record_fp32_grad_norm(engine: Any) -> None:
@@ -210,7 +245,7 @@ def _record_fp32_grad_norm(engine: Any) -> None:
             and not getattr(p, "ds_pipe_replicated", False)
             and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
         ]
-        squares = torch.zeros((), dtype=torch.float32)
+        squares = torch.zeros((), dtype=torch.float32, device=collective_device())
         for g in counted:
             squares += g.pow(2).sum()
         dist.all_reduce(squares, group=engine.mpu.get_model_parallel_group())
