@@ -35,12 +35,17 @@ format: setup
 test: setup lint
 	$(BIN)/python -m pytest -q --durations=20 tests
 
+# Every benchmark writes $(BENCH_RESULTS)/<name>.json; report.py then rewrites the marked tables
+# of docs/benchmarks.md from those results (prose kept). ~10 min on 2 cores; a subset:
+# `make bench BENCHES="loader step_overhead"` (only their tables change).
+BENCHES ?= loader preprocess step_overhead pipeline checkpoint verify convert
+BENCH_RESULTS ?= .cache/bench
 bench: setup
-	$(BIN)/python tools/bench/loader.py
-	$(BIN)/python tools/bench/preprocess.py
-	$(BIN)/python tools/bench/step_overhead.py
-	$(BIN)/python tools/bench/pipeline.py
-	$(BIN)/python tools/bench/checkpoint.py
+	rm -rf $(BENCH_RESULTS) && mkdir -p $(BENCH_RESULTS)
+	for b in $(BENCHES); do \
+		$(BIN)/python tools/bench/$$b.py --results $(BENCH_RESULTS) || exit 1; \
+	done
+	$(BIN)/python tools/bench/report.py --results $(BENCH_RESULTS)
 
 clean:
 	rm -rf runs .cache build

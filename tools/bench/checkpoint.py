@@ -2,7 +2,8 @@
 
     python tools/bench/checkpoint.py [--hidden 512 --layers 8 --vocab 32000 --repeats 3 --dir DIR]
 
-One process (world size 1, ZeRO-1, fp32) trains one step of a model, then alternates:
+One process (world size 1, fp32; the default zero_stage=1 runs as ZeRO stage 0 at DP 1, see
+zenlm.parallel.engine.effective_zero_stage) trains one step of a model, then alternates:
   - zenlm save: CheckpointSession.save (gather full fp32 weights + AdamW moments, safetensors,
     CRC-32, fsync per file, meta.json, rename, latest);
   - raw write: the checkpoint's own bytes (held in memory) written to new files with write()
@@ -25,6 +26,10 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import results
+
+TARGET = 0.5
 
 
 def drop_caches() -> bool:
@@ -70,7 +75,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    results.add_argument(p)
     a = p.parse_args()
+    rec = results.Record("checkpoint", "tools/bench/checkpoint.py")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     import functools
 
@@ -126,12 +133,37 @@ def main() -> None:
     )
     # The VM's disk speed drifts between rounds (raw reads seen from 850 to 2,100 MB/s within
     # minutes), so also report the median of each round's own ratio (adjacent runs).
-    print("| operation | zenlm MB/s | raw MB/s | ratio of medians | median of round ratios |")
-    print("| --- | --- | --- | --- | --- |")
+    columns = ["operation", "zenlm MB/s", "raw MB/s", "ratio of medians", "median of round ratios"]
+    table, ratios = [], {}
+    print(" | ".join(columns))
     for op, raw_op in (("save", "raw_write"), ("load", "raw_read")):
         ours, base = mb / med[op], mb / med[raw_op]
         rounds = statistics.median(r / z for z, r in zip(rows[op], rows[raw_op], strict=True))
-        print(f"| {op} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f} | {rounds:.2f} |")
+        ratios[op] = ours / base
+        table.append([op, f"{ours:,.0f}", f"{base:,.0f}", f"{ours / base:.2f}", f"{rounds:.2f}"])
+        print(" | ".join(table[-1]))
+    n_files = len(list(ckpt.iterdir()))
+    rec.table(
+        "checkpoint",
+        columns,
+        table,
+        [
+            f"One process, fp32, a {a.hidden}-hidden {a.layers}-layer model with vocab {a.vocab}: "
+            f"checkpoint {mb:.0f} MB in {n_files} files; {a.repeats} rounds; reads "
+            + (
+                "from disk (page cache dropped before each)."
+                if cold
+                else "from the page cache (drop_caches not permitted here)."
+            )
+        ],
+    )
+    rec.summary(
+        "checkpoint save / load vs raw disk",
+        f">= {TARGET}",
+        f"save {ratios['save']:.2f}, load {ratios['load']:.2f}",
+        min(ratios.values()) >= TARGET,
+    )
+    rec.write(a.results, {"mb": mb, "seconds": rows, "ratio": ratios, "cold": cold})
     shutil.rmtree(work, ignore_errors=True)
 
 

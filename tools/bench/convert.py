@@ -1,7 +1,7 @@
 """HF import: peak memory against the largest tensor, throughput against a file copy.
 
     python tools/bench/convert.py [--layers 5 --hidden 4096 --intermediate 11008 --vocab 32000
-                                   --repeats 1 --dir /tmp]     # ~1 min per 2 repeats
+                                   --repeats 3 --dir /tmp]     # ~2 min (3 repeats)
 
 Writes a synthetic Llama-7B-shaped Hugging Face checkpoint (random bf16 tensors, `--layers`
 blocks, shards of ~1 GB with model.safetensors.index.json, a Llama config.json) into a temp dir,
@@ -36,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import results
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -194,9 +196,11 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=11008)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--shard-bytes", type=int, default=10**9)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: the temp dir, /tmp)")
+    results.add_argument(p)
     a = p.parse_args()
+    rec = results.Record("convert", "tools/bench/convert.py")
     work = Path(tempfile.mkdtemp(prefix="zenlm-bench-convert-", dir=a.dir))
     try:
         src = work / "hf"
@@ -275,8 +279,76 @@ def main() -> None:
             f"2 x fp32 + 1 GiB = {(4 * largest + 2**30) / 2**20:,.0f} MiB "
             f"({peak / (4 * largest + 2**30):.2f} of it)"
         )
+        record(rec, a, rows, med, mb, written, peak, largest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def record(
+    rec: results.Record,
+    a: argparse.Namespace,
+    rows: dict[str, list[float]],
+    med: dict[str, float],
+    mb: float,
+    written: int,
+    peak: int,
+    largest: int,
+) -> None:
+    """The table and summary of docs/benchmarks.md's "HF import" from one run."""
+
+    def each(key: str, base: str = "copy") -> str:
+        return ", ".join(f"{c / i:.2f}" for c, i in zip(rows[base], rows[key], strict=True))
+
+    table = [
+        [
+            "copy (copyfile + fsync)",
+            f"{med['copy']:.1f}",
+            f"{mb / med['copy']:,.0f}",
+            "1.00",
+            ", ".join(f"{c:.1f} s" for c in rows["copy"]),
+        ],
+        *(
+            [label, f"{med[k]:.1f}", f"{mb / med[k]:,.0f}", f"{med['copy'] / med[k]:.2f}", each(k)]
+            for k, label in (
+                ("import", "import, whole process"),
+                ("import_tool", "import, tool time"),
+            )
+        ),
+        [
+            f"raw O_DIRECT write of the import's {written / 1e9:.2f} GB output",
+            f"{med['raw']:.1f}",
+            f"{written / 1e6 / med['raw']:,.0f} (output bytes)",
+            f"{med['raw'] / med['import_tool']:.2f} of the tool time",
+            each("import_tool", "raw"),
+        ],
+    ]
+    target_rss = 4 * largest + 2**30
+    notes = [
+        f"Source: a synthetic Llama-shaped bf16 checkpoint, hidden {a.hidden}, MLP "
+        f"{a.intermediate}, vocab {a.vocab}, {a.layers} layers, {mb / 1e3:.2f} GB; {a.repeats} "
+        f"rounds; source pages dropped before each pass. Import CPU time (user + sys, all "
+        f"threads): {med['import_cpu']:.1f} s. Peak RSS of the import: {peak / 2**20:,.0f} MiB; "
+        f"largest tensor {largest / 2**20:,.0f} MiB bf16; target 2 x fp32 + 1 GiB = "
+        f"{target_rss / 2**20:,.0f} MiB ({peak / target_rss:.2f} of it)."
+    ]
+    rec.table(
+        "convert",
+        ["pass", "median s", "MB/s (source bytes)", "ratio to copy", "each round"],
+        table,
+        notes,
+    )
+    ratio = med["copy"] / med["import"]
+    rec.summary("HF import vs durable copy", ">= 0.5", f"{ratio:.2f} (whole process)", ratio >= 0.5)
+    rec.summary(
+        "HF import peak RSS",
+        "<= 2 x largest fp32 tensor + 1 GiB",
+        f"{peak / 2**20:,.0f} MiB ({peak / target_rss:.2f} of it)",
+        peak <= target_rss,
+    )
+    rec.write(
+        a.results,
+        {"seconds": rows, "source_mb": mb, "written_bytes": written, "peak_rss": peak},
+    )
 
 
 if __name__ == "__main__":

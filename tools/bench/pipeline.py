@@ -4,7 +4,8 @@
     .venv/bin/python tools/bench/pipeline.py --pp 2 --global-batch 16 --steps 10
 
 Each pipeline degree runs the Trainer in its own gloo process group (run_distributed, TP = DP = 1,
-one intra-op thread per process, fp32, ZeRO-1) on the same model, global batch and micro batch,
+one intra-op thread per process, fp32; zero_stage=1 configured, which runs as ZeRO stage 0 at
+DP 1: zenlm.parallel.engine.effective_zero_stage) on the same model, global batch and micro batch,
 so m = global / micro micro batches go through p stages per step (1F1B, DeepSpeed's
 TrainSchedule). Every pipeline instruction DeepSpeed executes (ForwardPass, BackwardPass,
 Send/Recv*, LoadMicroBatch, ReduceGrads, OptimizerStep) is timed on each rank, in wall time
@@ -37,6 +38,8 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+
+import results
 
 COMPUTE = ("ForwardPass", "BackwardPass")
 TAIL = ("ReduceTiedGrads", "ReduceGrads", "OptimizerStep")
@@ -158,9 +161,9 @@ def pipeline_streams(per_stage: list[dict]) -> list[list[str]]:
 # -- analysis ----------------------------------------------------------------------------------
 
 
-def analyse(results: list[dict], m: int) -> dict:
-    p = len(results)
-    per_stage = sorted(results, key=lambda r: r["stage"])
+def analyse(per_rank: list[dict], m: int) -> dict:
+    p = len(per_rank)
+    per_stage = sorted(per_rank, key=lambda r: r["stage"])
     steps = len(per_stage[0]["records"])
     step_wall = [
         max(st["records"][i]["end"] for st in per_stage)
@@ -234,7 +237,7 @@ def report(rows: list[dict], args: argparse.Namespace, param_m: float) -> None:
         f"\nmodel: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, SwiGLU "
         f"{args.intermediate}, vocab {args.vocab} ({param_m:.1f}M matmul weights); global batch "
         f"{args.global_batch} x {args.seq_len} tokens, micro batch {args.micro_batch}; fp32, "
-        f"ZeRO-1, TP = DP = 1, 1 thread per process; medians of {args.steps} steps after "
+        f"TP = DP = 1, 1 thread per process; medians of {args.steps} steps after "
         f"{args.warmup} warm-up"
     )
     print("2-core CPU VM: absolute times are not GPU-like, and PP = 4 runs 4 processes on 2 cores.")
@@ -282,7 +285,9 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    results.add_argument(ap)
     args = ap.parse_args()
+    rec = results.Record("pipeline", "tools/bench/pipeline.py")
 
     repo = Path(__file__).resolve().parents[2]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(repo / ".cache" / "torch_extensions"))
@@ -296,14 +301,93 @@ def main() -> None:
         for pp in (int(x) for x in args.pp.split(",")):
             t0 = time.perf_counter()
             ov = overrides(args, pp, run_dir)
-            results = run_distributed(
+            outs = run_distributed(
                 rank_worker, pp, args=(ov, args.warmup, args.steps), threads_per_rank=1
             )
-            rows.append(analyse(results, m))
+            rows.append(analyse(outs, m))
             print(f"PP {pp}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     cfg = load_config(None, overrides(args, 1, "runs"))
     report(rows, args, matmul_params(cfg.model) / 1e6)
     print(f"\nload average (1, 5, 15 min) at the end: {os.getloadavg()}")
+    record(rec, rows, args, matmul_params(cfg.model) / 1e6)
+    rec.write(args.results, {"rows": rows})
+
+
+def record(rec: results.Record, rows: list[dict], args: argparse.Namespace, param_m: float) -> None:
+    """The two tables and the summary of docs/benchmarks.md's "Pipeline bubble"."""
+
+    def pct(r: dict, k: str) -> str:
+        return f"{100 * r[k]:.1f}%" if k in r else "-"
+
+    table = [
+        [
+            str(r["p"]),
+            str(r["m"]),
+            f"{1e3 * r['step_s']:.0f}",
+            f"{r['cpu_s']:.2f}",
+            pct(r, "theory") if r["p"] > 1 else "0",
+            pct(r, "schedule"),
+            pct(r, "replay"),
+            pct(r, "wall"),
+        ]
+        for r in rows
+    ]
+    setup = (
+        f"Model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, SwiGLU "
+        f"{args.intermediate}, vocab {args.vocab} ({param_m:.1f}M matmul weights); global batch "
+        f"{args.global_batch} x {args.seq_len} tokens, micro batch {args.micro_batch}; fp32, TP = "
+        f"DP = 1, 1 thread per process; medians of {args.steps} steps after {args.warmup} warm-up."
+    )
+    rec.table(
+        "pipeline",
+        [
+            "PP",
+            "m",
+            "step ms",
+            "CPU s per step (all ranks)",
+            "theory",
+            "schedule",
+            "replay",
+            "wall",
+        ],
+        table,
+        [setup],
+    )
+    stages = []
+    for r in rows:
+        for s, x in enumerate(r.get("stages", [])):
+            stages.append(
+                [
+                    str(r["p"]),
+                    str(s),
+                    f"{1e3 * x['fwd_cpu']:.1f}",
+                    f"{1e3 * x['bwd_cpu']:.1f}",
+                    f"{1e3 * x['comm_s']:.0f} ms",
+                    f"{100 * x['idle']:.1f}%",
+                ]
+            )
+    rec.table(
+        "pipeline_stages",
+        [
+            "PP",
+            "stage",
+            "forward (ms, CPU)",
+            "backward (ms, CPU)",
+            "p2p wait per step (wall)",
+            "idle (wall)",
+        ],
+        stages,
+    )
+    piped = [r for r in rows if r["p"] > 1]
+    rec.summary(
+        "pipeline bubble vs (p-1)/(m+p-1)",
+        "report",
+        "; ".join(
+            f"PP{r['p']} m{r['m']}: replay {100 * r['replay']:.1f}% vs {100 * r['theory']:.1f}%"
+            for r in piped
+        ),
+        None,
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import results
+
 from zenlm.data.tokenizer import load_tokenizer, train_tokenizer
 from zenlm.data.writer import preprocess_corpus
 
@@ -80,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="zenlm encoder pool(s) to measure (thread is the default pipeline)",
     )
+    results.add_argument(p)
     a = p.parse_args(argv)
+    rec = results.Record("preprocess", "tools/bench/preprocess.py")
 
     tmp = Path(tempfile.mkdtemp(prefix="zenlm-bench-preprocess-"))
     try:
@@ -140,9 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             (f"zenlm preprocess, {p} pool" + (" (default)" if p == "thread" else ""), p)
             for p in pools
         ]
+        table = []
         for name, k in rows:
             tps = tokens / best[k]
             print(f"{name:<48}{tps:>12,.0f}{best[k]:>9.2f}{tps / base_tps:>7.2f}{cpu[k]:>8.2f}")
+            table.append(
+                [name, f"{tps:,.0f}", f"{best[k]:.2f}", f"{tps / base_tps:.2f}", f"{cpu[k]:.2f}"]
+            )
         print("ratio: tokens/s over the baseline's (wall clock, same cores); cpu-s: CPU seconds of")
         print("all threads and worker processes (insensitive to other load on the machine)")
         ratio = best["baseline"] / best[pools[0]]
@@ -150,6 +158,35 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\nratio {pools[0]} pool / baseline {ratio:.2f}   target >= {TARGET}   {verdict}"
             f"   ({tokens:,} tokens, best of {a.repeats})"
+        )
+        cpu_ratio = cpu["baseline"] / cpu[pools[0]]
+        rec.table(
+            "preprocess",
+            ["pipeline", "tokens/s", "seconds", "ratio", "CPU s"],
+            table,
+            [
+                f"Input: {len(docs)} documents of Python stdlib source, {mb:.1f} MB in "
+                f"{len(inputs)} JSONL files, {tokens:,} tokens; {a.workers} workers; seq_len "
+                f"{a.seq_len}; best of {a.repeats} runs per side. ratio: tokens/s over the "
+                "baseline's (wall clock, same cores); CPU s: CPU seconds of all threads and "
+                f"worker processes. CPU-time ratio of the default (thread) pool: {cpu_ratio:.2f}."
+            ],
+        )
+        rec.summary(
+            "preprocess vs SentencePiece encode",
+            f">= {TARGET}",
+            f"{ratio:.2f} (CPU-time ratio {cpu_ratio:.2f})",
+            ratio >= TARGET,
+        )
+        rec.write(
+            a.results,
+            {
+                "tokens": tokens,
+                "best_s": best,
+                "cpu_s": cpu,
+                "ratio": ratio,
+                "cpu_ratio": cpu_ratio,
+            },
         )
         return 0
     finally:

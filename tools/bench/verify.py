@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import results
 
 from zenlm.data.shards import ShardCache, ShardSpec, verify_shard
 from zenlm.testing.corpus import write_corpus
@@ -115,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-shard", type=int, default=12000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", help="where to write the corpus (default: a temp dir)")
+    results.add_argument(p)
     a = p.parse_args(argv)
+    rec = results.Record("verify", "tools/bench/verify.py")
 
     tmp = Path(tempfile.mkdtemp(prefix="zenlm-bench-verify-", dir=a.dir))
     try:
@@ -151,15 +154,46 @@ def main(argv: list[str] | None = None) -> int:
         base = {
             st: statistics.median(seconds[(st, "raw read (baseline)")]) for st in ("cold", "warm")
         }
+        table, ratio = [], {}
         for name in SIDES:
             row = f"{name:<40}"
+            cells = [name]
             for st in ("cold", "warm"):
                 sec = statistics.median(seconds[(st, name)])
+                ratio[f"{st}/{name}"] = base[st] / sec
                 row += f"{total / 1e6 / sec:>11,.0f}{base[st] / sec:>7.2f}"
+                cells += [f"{total / 1e6 / sec:,.0f}", f"{base[st] / sec:.2f}"]
             print(row)
+            table.append(cells)
         print(
             "ratio: throughput over the raw read's in the same page-cache state (medians); "
             f"load average now {os.getloadavg()[0]:.1f}"
+        )
+        rec.table(
+            "verify",
+            ["pass", "cold MB/s", "ratio", "warm MB/s", "ratio"],
+            table,
+            [
+                f"Corpus: {a.shards} shards, {total / 1e6:.0f} MB, {first:,} samples of "
+                f"{SEQ_LEN + 1} uint16 tokens; medians of {a.repeats} passes per side and state; "
+                "ratio = throughput over the raw read's in the same page-cache state."
+            ],
+        )
+        tool = "tools/verify_corpus.py"
+        rec.summary(
+            "corpus verification vs raw read",
+            "report",
+            f"sha256 {ratio['cold/sha256 (hashlib.file_digest)']:.2f}, {tool} "
+            f"{ratio[f'cold/{tool}']:.2f} of a cold read",
+            None,
+        )
+        rec.write(
+            a.results,
+            {
+                "bytes": total,
+                "seconds": {f"{k[0]}/{k[1]}": v for k, v in seconds.items()},
+                "ratio": ratio,
+            },
         )
         return 0
     finally:
