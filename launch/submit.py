@@ -52,7 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sbatch-arg", action="append", default=[], help="more sbatch options")
     p.add_argument("--dry-run", action="store_true", help="print the command, submit nothing")
     p.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after options
 
 
 def sbatch_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:

@@ -70,7 +70,10 @@ def train(args: argparse.Namespace) -> int:
         return PREEMPTED_EXIT_CODE
     if trainer.rank == 0 and history:
         last = history[-1]
-        summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step")
+        # Per-rank memory columns (one per rank) stay in TensorBoard: not a 1000-rank line.
+        summary = ", ".join(
+            f"{k}={v:.4g}" for k, v in last.items() if k != "step" and "_rank" not in k
+        )
         print(f"done: step {int(last['step'])}: {summary}")
     return 0
 

@@ -38,6 +38,7 @@ import pytest
 import yaml
 
 from zenlm.testing.distributed import cpu_env
+from zenlm.testing.readme import bash_block
 from zenlm.testing.text_corpus import write_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,6 +65,14 @@ RUNNING = {
     ".venv/bin/python launch/train.py --config configs/debug.yaml 'data.corpora=[{path: corpus}]'"
     " data.tokenizer_path=tok/tokenizer.model model.vocab_size=32000": "test_your_own_data",
 }  # fmt: skip
+# The Slurm section's commands and the tests that run them (tests/slurm reads the README too).
+SLURM = {
+    ".venv/bin/python launch/submit.py --config configs/runs/llama2_7b.yaml --nodes 2 --dry-run":
+        "tests/unit/test_submit.py::test_readme_dry_run",
+    ".venv/bin/python launch/submit.py --config configs/debug.yaml --nodes 2 --gpus-per-node 0"
+    " --procs-per-node 2 parallel.tensor_parallel_degree=2":
+        "tests/slurm/test_slurm_jobs.py::test_two_nodes_equal_single_node_torchrun",
+}  # fmt: skip
 TWO_COMMANDS = {
     "make demo": "test_make_demo",  # launch/demo.py, what the target runs after `make setup`
     "make test": None,  # the whole suite, this module included: not run from inside it
@@ -71,22 +80,6 @@ TWO_COMMANDS = {
 
 
 # ---------------------------------------------------------------- README parsing
-
-
-def bash_block(heading: str) -> list[tuple[str, ...]]:
-    """Command lines of the first ```bash block under `## heading`, each as shell tokens
-    (backslash continuations joined, comments dropped)."""
-    text = README.read_text(encoding="utf-8")
-    section = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert section, f"README.md has no '## {heading}' section"
-    block = re.search(r"^```bash\n(.*?)^```", section.group(1), re.M | re.S)
-    assert block, f"README.md's '## {heading}' section has no ```bash block"
-    commands = []
-    for line in block.group(1).replace("\\\n", " ").splitlines():
-        tokens = tuple(shlex.split(line, comments=True))
-        if tokens:
-            commands.append(tokens)
-    return commands
 
 
 def _unknown_and_stale(heading: str, known: dict) -> tuple[list[str], list[str]]:
@@ -98,7 +91,11 @@ def _unknown_and_stale(heading: str, known: dict) -> tuple[list[str], list[str]]
 
 
 def test_readme_blocks_have_no_untested_command():
-    for heading, known in (("Running", RUNNING), ("Two commands", TWO_COMMANDS)):
+    for heading, known in (
+        ("Running", RUNNING),
+        ("Two commands", TWO_COMMANDS),
+        ("On a Slurm cluster", SLURM),
+    ):
         unknown, stale = _unknown_and_stale(heading, known)
         assert not unknown, (
             f"README '## {heading}' has commands no test runs (add them to "

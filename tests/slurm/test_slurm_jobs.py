@@ -6,8 +6,8 @@ Every job trains configs/debug.yaml at TP 2 with ZeRO-1 on a corpus made by the 
 fp32 on CPU (gloo), logging every step to TensorBoard; the reference is one single-node torchrun
 run of the same layout on 4 processes (`torchrun --standalone`), 20 steps.
 
-- 2 nodes x 2 tasks (srun mode, DataLoader workers on): per-step losses and grad norms equal the
-  reference bit for bit (same ranks, same collectives, same data order).
+- 2 nodes x 2 tasks (srun mode, DataLoader workers on; the README's command): per-step losses
+  and grad norms equal the reference bit for bit (same ranks, same collectives, same data order).
 - torchrun mode, preempted (`scancel --signal=USR1 --batch`: the batch shell forwards SIGUSR1,
   torchrun forwards it to its workers) after step 3: the job saves at the step boundary, exits
   75, requeues itself (Restarts=1), resumes, finishes; all 20 steps equal the reference bit for
@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from zenlm.testing.distributed import CPU_ONLY_ENV
+from zenlm.testing.readme import readme_command
 from zenlm.testing.text_corpus import build_text_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,11 +104,18 @@ def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     }
 
 
-def submit(name: str, env: dict[str, str], work: Path, args: list[str]) -> tuple[str, Path]:
-    """launch/submit.py -> sbatch; returns (job id, the job's output file)."""
+def submit(
+    name: str, env: dict[str, str], work: Path, args: list[str], readme: bool = False
+) -> tuple[str, Path]:
+    """launch/submit.py -> sbatch; returns (job id, the job's output file). readme=True starts
+    from the README's CPU-cluster command as written there."""
     log = work / f"{name}.out"
+    head = ["--config", CONFIG, "--gpus-per-node=0"]
+    if readme:
+        tokens = readme_command("On a Slurm cluster", (".venv/bin/python", "launch/submit.py"), "0")
+        head = tokens[2:]
     cmd = [
-        sys.executable, "launch/submit.py", "--config", CONFIG, "--gpus-per-node=0", "--cpus-per-proc=1",
+        sys.executable, "launch/submit.py", *head, "--cpus-per-proc=1",
         f"--job-name={name}", f"--run-name={name}", "--time=10",
         f"--sbatch-arg=--output={log}", *args,
     ]  # fmt: skip
@@ -186,10 +194,10 @@ def stopped_at(log: Path) -> int:
 
 def test_two_nodes_equal_single_node_torchrun(corpus, base_env, reference):
     work, env = base_env
+    # The README's command (2 nodes x 2 CPU ranks, TP 2), with this test's steps and corpus.
     job, log = submit(
-        "two-nodes", env, work,
-        ["--nodes=2", "--procs-per-node=2", *LAYOUT, *corpus.overrides(), "data.num_workers=2"],
-    )  # fmt: skip
+        "two-nodes", env, work, [*LAYOUT, *corpus.overrides(), "data.num_workers=2"], readme=True
+    )
     fields = wait_done(job, env, log)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED", text[-4000:]
