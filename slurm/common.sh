@@ -17,6 +17,7 @@
 #   ZENLM_LOG_ROOT        parent of the per-run log folders (default: $ZENLM_ROOT/logs)
 #   ZENLM_LOG_DIR         this run's failure records (default: $ZENLM_LOG_ROOT/<run name>)
 #   ZENLM_MAX_RESTARTS    requeues allowed after preemption (default 10; SLURM_RESTART_COUNT)
+#   ZENLM_SRUN_ARGS       more srun options for the training step (--mpi=pmix, --container-image=...)
 #   ZENLM_STOP_GRACE_S    seconds torchrun waits for its workers to save after a stop signal
 #                         before it kills them (default 600; keep it below the --signal lead)
 
@@ -129,6 +130,9 @@ zen_train() {
 	# --kill-on-bad-exit: one failed task ends the step at once (the others would wait in a
 	# collective until its timeout). --export=ALL: the environment above reaches every task.
 	local srun_common=(srun --kill-on-bad-exit=1 --export=ALL --nodes="$NNODES")
+	# Cluster-specific srun options, e.g. --mpi=pmix or pyxis's --container-image=... (split on spaces).
+	# shellcheck disable=SC2206
+	srun_common+=(${ZENLM_SRUN_ARGS:-})
 	if [ "$ZENLM_LAUNCHER" = srun ]; then
 		zen_step "${srun_common[@]}" --ntasks="$WORLD_SIZE_TOTAL" --ntasks-per-node="$PROCS_PER_NODE" \
 			--cpus-per-task=$((CPUS_PER_NODE / PROCS_PER_NODE > 0 ? CPUS_PER_NODE / PROCS_PER_NODE : 1)) \
