@@ -86,7 +86,10 @@ def _nonfinite(run_dir, overrides, stage):
 
     import torch
 
-    trainer = _trainer(run_dir, f"nan{stage}", overrides, [f"parallel.zero_stage={stage}"])
+    # fp32 at DP 1 runs ZeRO stage 0 whatever the config says (parallel/engine.py); bf16 keeps
+    # stage 1, so the stage-1 case exercises DeepSpeed's ZeRO optimizer skipping the NaN steps.
+    extra = [f"parallel.zero_stage={stage}"] + (["runtime.precision=bf16"] if stage else [])
+    trainer = _trainer(run_dir, f"nan{stage}", overrides, extra)
     _nan_losses(trainer, {3, 4})
     snapshots = {}
     _at_steps(trainer, {2, 4}, lambda t, loss: snapshots.setdefault(t.step, _weights(t)) and loss)

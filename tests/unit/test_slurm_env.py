@@ -69,3 +69,15 @@ def test_torchrun_and_the_batch_script_are_left_alone():
     assert not adopt_slurm_env(under_torchrun) and under_torchrun["WORLD_SIZE"] == "8"
     batch_script = {k: v for k, v in STEP_TASK.items() if k != "SLURM_STEP_ID"}
     assert not adopt_slurm_env(batch_script) and "RANK" not in batch_script
+
+
+def test_one_gpu_bound_per_srun_task_is_device_0(monkeypatch):
+    from zenlm.runtime.env import local_device_index
+
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert local_device_index(local_rank=3, visible=1) == 0  # srun --gpus-per-task=1
+    assert local_device_index(local_rank=3, visible=8) == 3
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # torchrun: two ranks on one GPU
+    with pytest.raises(RuntimeError, match="LOCAL_RANK 3 but this process sees only 1 GPU"):
+        local_device_index(local_rank=3, visible=1)

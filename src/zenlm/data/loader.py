@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from zenlm.data.sources import SampleSource, open_corpora
-from zenlm.runtime.signals import ignore_in_worker
+from zenlm.runtime.signals import ignore_in_worker, reap_workers_at_exit
 
 # Labels equal to this count in no loss or accuracy (torch's cross-entropy default; the same
 # constant as zenlm.model.factory.IGNORE_INDEX, asserted by tests/unit/test_blend.py).
@@ -104,7 +104,8 @@ def _data_loader(stream: IterableDataset, num_workers: int, pin_memory: bool) ->
     # iterator more than the uninterrupted run, so the global stream would differ after resume.
     # The streams draw no random numbers, so a fixed private generator changes nothing else.
     # worker_init_fn: workers ignore SIGTERM/SIGUSR1, which a preemption sends to every process
-    # of the job step; the training process saves and stops them (zenlm.runtime.signals).
+    # of the job step; the training process saves, and stops them without signals
+    # (zenlm.runtime.signals).
     return DataLoader(
         stream,
         batch_size=None,
@@ -129,6 +130,7 @@ def _shutdown(it: Iterator | None) -> None:
 
 def _batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
     it = iter(loader)
+    reap_workers_at_exit(it)  # its workers ignore SIGTERM (zenlm.runtime.signals)
     try:
         yield from it
     finally:
@@ -186,6 +188,7 @@ class TrainLoader:
         if self._it is None:
             stream = _MicroBatchStream(self.source, self._layout_fn(), self._micro, None)
             self._it = iter(_data_loader(stream, self.num_workers, self.pin_memory))
+            reap_workers_at_exit(self._it)
         try:
             batch = next(self._it)
         except BaseException:

@@ -23,11 +23,14 @@ def free_port() -> int:
 
 def local_device_index(local_rank: int, visible: int) -> int:
     """The CUDA device of this rank: LOCAL_RANK among the node's visible GPUs, or device 0 when
-    the launcher bound one GPU to each task (srun --gpus-per-task=1 / --gpu-bind: every task
-    sees exactly one). Anything else is one clear line instead of a CUDA error later."""
+    srun bound one GPU to each task (srun --gpus-per-task=1 / --gpu-bind: every task sees
+    exactly one). Anything else is one clear line instead of a CUDA error later."""
     if local_rank < visible:
         return local_rank
-    if visible == 1:
+    # Only a bare srun task can have a GPU bound to it alone; under torchrun (or by hand) one
+    # visible GPU for LOCAL_RANK > 0 means two ranks would share it.
+    srun_task = "SLURM_STEP_ID" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+    if visible == 1 and srun_task:
         return 0
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
     shown = "unset" if cvd is None else repr(cvd)

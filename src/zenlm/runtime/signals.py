@@ -10,18 +10,21 @@ signal (no I/O or collectives in a handler); the loop agrees on it over all rank
     SIGUSR1  Slurm's `--signal=B:USR1@<s>` forwarded by slurm/common.sh, `scancel --signal=USR1`
     SIGTERM  Slurm's preemption / time limit / scancel (then SIGKILL after KillWait or GraceTime)
 
-DataLoader worker processes ignore both when anyone but their own rank sends them
-(ignore_in_worker): a signal sent to the whole process group or step reaches them too, and a
-worker killed by it would crash its rank mid-step ("DataLoader worker (pid N) is killed by
-signal") instead of letting the rank save. The rank still stops its workers (torch's shutdown,
-multiprocessing's exit handler, torch's parent-death watchdog).
+DataLoader worker processes ignore both (ignore_in_worker): a signal sent to the whole process
+group or step reaches them too, and a worker killed by it would crash its rank mid-step
+("DataLoader worker (pid N) is killed by signal") instead of letting the rank save. The rank
+stops its workers without signals (torch's queue shutdown; reap_workers_at_exit; torch's
+parent-death watchdog).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import signal
 import threading
+import weakref
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -68,25 +71,50 @@ def stop_signal_received() -> int | None:
 def ignore_in_worker(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: stop signals are for the training process, not its workers.
 
-    SIGUSR1 is ignored. SIGTERM cannot simply be ignored: the worker's own parent uses it to end
-    the worker (torch's shutdown, multiprocessing's exit handler, which then joins without a
-    timeout, so an ignoring worker hangs the rank at exit). So SIGTERM is blocked here and taken
-    by a thread with sigwaitinfo, which knows the sender: from the parent the worker exits as
-    SIGTERM would make it; from anyone else (slurmstepd signalling the whole step, torchrun
-    signalling its workers' process group, a user's `kill -- -PGID`) it is dropped.
-    Called first thing in the worker, before it starts any thread, so every later thread
-    inherits the blocked mask and only the waiting thread can receive SIGTERM.
+    Both are ignored outright. A worker cannot tell its rank's SIGTERM from a preemption's
+    reliably: blocking SIGTERM and reading the sender with sigwaitinfo works only if no thread
+    started before this function runs (not so under the spawn start method, where the child
+    imports torch first). The rank instead ends its workers without SIGTERM: torch's shutdown
+    asks them to stop through its queues, and reap_workers_at_exit kills what is left at
+    interpreter exit, before multiprocessing's exit handler would SIGTERM them and join them
+    without a timeout (a hang with ignoring workers). A worker also exits by itself when its
+    rank dies (torch's parent watchdog).
     """
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    parent = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
-    def wait_for_term() -> None:
-        while True:
-            info = signal.sigwaitinfo({signal.SIGTERM})
-            if info.si_pid == parent or os.getppid() != parent:
-                # Exit 0: the rank asked for it (torch's SIGCHLD check would report any other
-                # code, or death by a signal, as a worker failure during the rank's exit).
-                os._exit(0)
 
-    threading.Thread(target=wait_for_term, name="zenlm-sigterm", daemon=True).start()
+_live_iterators: weakref.WeakSet = weakref.WeakSet()
+_reaper_registered = False
+
+
+def reap_workers_at_exit(iterator: Any) -> None:
+    """Kill (SIGKILL) the workers of this DataLoader iterator that are still alive when the
+    interpreter exits. Registered after multiprocessing's own exit handler, so it runs first
+    (atexit is last-in, first-out)."""
+    global _reaper_registered
+    if not getattr(iterator, "_workers", None):
+        return
+    _live_iterators.add(iterator)
+    if not _reaper_registered:
+        atexit.register(_reap)
+        _reaper_registered = True
+
+
+def _reap() -> None:
+    from torch.utils.data._utils import signal_handling
+
+    for it in list(_live_iterators):
+        workers = [w for w in getattr(it, "_workers", []) if w.is_alive()]
+        if not workers:
+            continue
+        # Unregister them from torch's SIGCHLD check first (as its own shutdown does): it would
+        # raise "worker killed by signal" in the middle of this function.
+        if getattr(it, "_worker_pids_set", False):
+            signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in workers:
+            with contextlib.suppress(OSError):
+                os.kill(w.pid, signal.SIGKILL)
+        for w in workers:
+            w.join(timeout=5)
