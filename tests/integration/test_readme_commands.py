@@ -1,4 +1,6 @@
-"""Every command in the README's "Running" block (and `make demo`) runs, at 3 steps, and trains.
+"""Every command in the README's "Running" block (and `make demo`) runs, at 3 steps, and trains;
+the 8-process torchrun command runs in tests/numerics/test_cli_layouts.py (against the reference
+losses), the "On a Slurm cluster" commands in tests/unit/test_submit.py and tests/slurm.
 
 The README is parsed: a command line in the "## Running" ```bash block that RUNNING below does
 not know fails test_readme_blocks_have_no_untested_command, naming it; a command RUNNING knows

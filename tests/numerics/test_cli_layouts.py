@@ -19,7 +19,7 @@ from hf_reference import reference_run
 from test_layout_matrix import BASE, CONFIG, STEPS, TOLERANCE, VARIANTS, config, rel
 
 from zenlm.testing.distributed import cpu_env
-from zenlm.testing.readme import readme_command
+from zenlm.testing.readme import find_readme_command
 from zenlm.testing.text_corpus import build_text_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +70,7 @@ def test_cli_layout_matches_the_reference(name, corpus, reference, tmp_path):
         f"logging.run_name={name}",
     ]
     if layout is None:  # the README's command, .venv/bin/ -> this interpreter's bin
-        tokens = readme_command("Running", README_3D, "configs/runs/debug_3d.yaml")
+        tokens = find_readme_command("Running", README_3D, "configs/runs/debug_3d.yaml")
         cmd = [str(Path(sys.executable).parent / "torchrun"), *tokens[1:], *overrides]
     else:
         cmd = [

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from zenlm.testing.distributed import CPU_ONLY_ENV
-from zenlm.testing.readme import readme_command
+from zenlm.testing.readme import find_readme_command
 from zenlm.testing.text_corpus import build_text_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,7 +112,9 @@ def submit(
     log = work / f"{name}.out"
     head = ["--config", CONFIG, "--gpus-per-node=0"]
     if readme:
-        tokens = readme_command("On a Slurm cluster", (".venv/bin/python", "launch/submit.py"), "0")
+        tokens = find_readme_command(
+            "On a Slurm cluster", (".venv/bin/python", "launch/submit.py"), "0"
+        )
         head = tokens[2:]
     cmd = [
         sys.executable, "launch/submit.py", *head, "--cpus-per-proc=1",

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from zenlm.testing.readme import readme_command
+from zenlm.testing.readme import find_readme_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ def run_submit(args: list[str], env: dict[str, str] | None = None) -> subprocess
 
 
 def test_readme_dry_run():
-    cmd = readme_command(
+    cmd = find_readme_command(
         "On a Slurm cluster", (".venv/bin/python", "launch/submit.py"), "--dry-run"
     )
     r = run_submit(cmd[2:])

@@ -25,7 +25,7 @@ def bash_block(heading: str, readme: Path = README) -> list[tuple[str, ...]]:
     return commands
 
 
-def readme_command(heading: str, starts_with: tuple[str, ...], contains: str) -> list[str]:
+def find_readme_command(heading: str, starts_with: tuple[str, ...], contains: str) -> list[str]:
     """The one command of the block that starts with `starts_with` and has `contains` among
     its tokens (failing if the README no longer has exactly one)."""
     found = [
